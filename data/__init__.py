@@ -1,0 +1,1 @@
+"""Data layer: raw formats -> prepared memory-mapped datasets -> TorchRec batches."""

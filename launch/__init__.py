@@ -1,0 +1,1 @@
+"""Job launchers: the `funnel` CLI, torchrun wrapper, SLURM / Kubernetes templates."""

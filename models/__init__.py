@@ -1,0 +1,1 @@
+"""Pure nn.Module architectures built from TorchRec modules (no training logic)."""

@@ -1,0 +1,1 @@
+"""Lightning modules, the TorchRec strategy, checkpointing, metrics and export."""
