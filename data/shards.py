@@ -106,7 +106,9 @@ class ColumnWriter:
     def append(self, chunk: np.ndarray) -> None:
         arr = np.ascontiguousarray(chunk, dtype=self.dtype)
         if arr.shape[1:] != self.trailing_shape:
-            raise ValueError(f"{self.path.name}: chunk shape {arr.shape} does not end in {self.trailing_shape}")
+            raise ValueError(
+                f"{self.path.name}: chunk shape {arr.shape} does not end in {self.trailing_shape}"
+            )
         self._f.write(arr.tobytes())
         self.rows += arr.shape[0]
 
@@ -181,7 +183,9 @@ class DatasetWriter:
         self._open.append(w)
         return w
 
-    def write_column(self, table: str, column: str, values: np.ndarray, info: ColumnInfo | None = None) -> None:
+    def write_column(
+        self, table: str, column: str, values: np.ndarray, info: ColumnInfo | None = None
+    ) -> None:
         arr = np.asarray(values)
         info = info or ColumnInfo(dtype=str(arr.dtype))
         if arr.ndim == 2 and info.width is None:
@@ -302,7 +306,9 @@ class PreparedDataset:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path}: not a prepared dataset (no meta.json); run `funnel data prepare`")
+            raise FileNotFoundError(
+                f"{self.path}: not a prepared dataset (no meta.json); run `funnel data prepare`"
+            )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:

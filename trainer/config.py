@@ -1,0 +1,125 @@
+"""Typed run configuration: one YAML file per recipe under ``configs/``, overridable with ``--set``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from trainer.sharding import ConfigError, ShardingConfig
+from trainer.strategy import SparseOptimizerConfig
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/data/synthetic-small"
+    # how to create `path` when it does not exist yet, e.g. {kind: synthetic, preset: small}
+    prepare: dict[str, Any] | None = None
+    batch_size: int = 1024  # global: across all ranks
+    eval_batch_size: int = 8192
+    seed: int = 0
+    features: list[str] | None = None  # sparse features to use (default: all of the dataset's)
+
+
+@dataclass
+class DenseOptimizerConfig:
+    name: str = "adam"  # adam | adamw | adagrad | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    momentum: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1
+    max_steps: int = -1
+    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    val_check_interval: float | int = 1.0
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    limit_test_batches: float | int | None = None
+    checkpoint_every_n_steps: int | None = None
+    log_every_n_steps: int = 50
+    seed: int = 0
+    deterministic: bool = True
+    enable_progress_bar: bool = True
+    test_after_fit: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | none
+    project: str = "funnel"
+    name: str | None = None
+    offline: bool | None = None  # None: follow WANDB_MODE
+
+
+@dataclass
+class RunConfig:
+    model_name: str = "deepfm"
+    model: dict[str, Any] = field(default_factory=dict)  # model-specific, see each model's config
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str = "runs/deepfm"
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(RunConfig, raw, "")
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
