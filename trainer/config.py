@@ -47,6 +47,7 @@ class TrainerConfig:
     limit_val_batches: float | int | None = None
     limit_test_batches: float | int | None = None
     checkpoint_every_n_steps: int | None = None
+    keep_checkpoints: int = 1  # periodic checkpoints kept (-1: all); last.ckpt links the newest
     log_every_n_steps: int = 50
     seed: int = 0
     deterministic: bool = True

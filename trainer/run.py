@@ -127,7 +127,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: list[pl.Callba
         dirpath=run_dir / "checkpoints",
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
         save_last="link",
-        save_top_k=1,
+        save_top_k=cfg.trainer.keep_checkpoints,
     )
     callbacks.append(checkpoint)
     if cfg.trainer.enable_progress_bar:
@@ -212,6 +212,24 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor)}
 
 
+def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, Any]:
+    """Test metrics of a checkpoint written by any world size, on this run's world size."""
+    run_dir = Path(cfg.run_dir)
+    rank, world, _ = dist_env()
+    ensure_dataset(cfg)
+    module, datamodule = RECIPES[cfg.model_name](cfg)
+    cfg.trainer.checkpoint_every_n_steps = None
+    trainer = build_trainer(cfg, run_dir, [])
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    summary = {"model": cfg.model_name, "checkpoint": checkpoint, "world_size": world,
+               "metrics": _scalar_metrics(results[0]) if results else {}}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
 def run(cfg: RunConfig, resume: str | None = None, init_from: str | None = None) -> dict[str, Any]:
     if cfg.model_name not in RECIPES:
         raise ConfigError(f"model_name {cfg.model_name!r}: choose from {sorted(RECIPES)}")
@@ -293,6 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", default=None, help="'auto' (last checkpoint of run_dir, if any) or a checkpoint path"
     )
     p.add_argument("--init-from", default=None, help="DCP checkpoint to take initial model weights from")
+    p.add_argument("--evaluate", default=None, metavar="CHECKPOINT",
+                   help="only test this checkpoint (written by any world size) and write evaluation.json")
     return p.parse_args(argv)
 
 
@@ -306,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.model:
             cfg.model_name = args.model
-        run(cfg, resume=args.resume, init_from=args.init_from)
+        if cfg.model_name not in RECIPES:
+            raise ConfigError(f"model_name {cfg.model_name!r}: choose from {sorted(RECIPES)}")
+        if args.evaluate:
+            evaluate(cfg, args.evaluate)
+        else:
+            run(cfg, resume=args.resume, init_from=args.init_from)
     except ConfigError as e:
         print(f"funnel: config error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -155,7 +155,16 @@ class TorchRecStrategy(ParallelStrategy):
         super().setup_environment()
         self.set_world_ranks()
         assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, self.process_group_backend(), timeout=self._timeout)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+            dist.init_process_group(
+                self.process_group_backend(),
+                store=_attempt_store(self._timeout),
+                rank=self.global_rank,
+                world_size=self.world_size,
+                timeout=self._timeout,
+            )
+        else:
+            _init_dist_connection(self.cluster_environment, self.process_group_backend(), timeout=self._timeout)
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
 
@@ -312,6 +321,23 @@ class TorchRecStrategy(ParallelStrategy):
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         # done in load_checkpoint, where the sharded tensors are read in place
         pass
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's agent store, namespaced by restart attempt.
+
+    The agent keeps one store across elastic restarts, and process-group names are deterministic,
+    so without a per-attempt prefix the restarted workers read the dead workers' addresses for
+    groups created after the default one (TorchRec creates several) and fail to connect.
+    """
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"funnel/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def load_module_state(module: nn.Module, state_dict: dict[str, Any]) -> None:
