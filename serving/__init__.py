@@ -1,0 +1,1 @@
+"""Serving shim: loads a bundle (FAISS indexes, exported models) and serves the funnel over HTTP."""
