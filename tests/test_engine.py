@@ -36,15 +36,37 @@ SHARDING = {
 }
 
 
-def torchrun(nproc: int, args: list[str], *, env: dict[str, str] | None = None, extra: list[str] | None = None,
-             timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *(extra or []), "-m", "trainer", *args]
-    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                **(env or {})}
+def torchrun(
+    nproc: int,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *(extra or []),
+        "-m",
+        "trainer",
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -56,8 +78,12 @@ def write_config(path: Path, dataset: Path, run_dir: Path, **sections: dict) -> 
         "optimizer": {"name": "adam", "lr": 0.003},
         "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
         "sharding": SHARDING,
-        "trainer": {"max_epochs": 2, "log_every_n_steps": 5, "enable_progress_bar": False,
-                    "checkpoint_every_n_steps": 10},
+        "trainer": {
+            "max_epochs": 2,
+            "log_every_n_steps": 5,
+            "enable_progress_bar": False,
+            "checkpoint_every_n_steps": 10,
+        },
         "logger": {"kind": "csv"},
         "run_dir": str(run_dir),
     }
@@ -129,8 +155,9 @@ def test_two_rank_run_shards_both_ways_and_learns(two_rank_run: Path, world: Pat
     assert auc <= bayes + 0.02
 
 
-def reference_training(dataset: Path, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
-                       ) -> dict[str, torch.Tensor]:
+def reference_training(
+    dataset: Path, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
+) -> dict[str, torch.Tensor]:
     """Plain single-process training: unsharded EmbeddingBagCollection, torch SGD + Adam."""
     torch.manual_seed(123)
     model = model_for(dataset)
@@ -142,7 +169,9 @@ def reference_training(dataset: Path, steps: int, sparse_lr: float, dense_lr: fl
     adam = torch.optim.Adam(dense, lr=dense_lr)
     loader = CTRDataModule(dataset, batch_size=256, seed=0).loader("train")
     for _, batch in zip(range(steps), loader, strict=False):
-        loss = F.binary_cross_entropy_with_logits(model(batch.dense_features, batch.sparse_features), batch.labels)
+        loss = F.binary_cross_entropy_with_logits(
+            model(batch.dense_features, batch.sparse_features), batch.labels
+        )
         sgd.zero_grad()
         adam.zero_grad()
         loss.backward()
@@ -156,9 +185,16 @@ def test_two_rank_sharded_training_equals_unsharded(world: Path, tmp_path: Path)
     steps = 12
     reference = reference_training(world, steps, sparse_lr=0.5, dense_lr=0.003, init_dir=tmp_path / "init")
     cfg = write_config(
-        tmp_path / "cfg.yaml", world, tmp_path / "run",
+        tmp_path / "cfg.yaml",
+        world,
+        tmp_path / "run",
         sparse_optimizer={"name": "sgd", "lr": 0.5},
-        trainer={"max_steps": steps, "max_epochs": 1, "checkpoint_every_n_steps": None, "test_after_fit": False},
+        trainer={
+            "max_steps": steps,
+            "max_epochs": 1,
+            "checkpoint_every_n_steps": None,
+            "test_after_fit": False,
+        },
     )
     torchrun(2, ["--config", str(cfg), "--init-from", str(tmp_path / "init")])
     sharded = final_weights(tmp_path / "run", world)
@@ -169,10 +205,13 @@ def test_two_rank_sharded_training_equals_unsharded(world: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_resumes_to_identical_weights(two_rank_run: Path, world: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_resumes_to_identical_weights(
+    two_rank_run: Path, world: Path, tmp_path: Path
+) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", world, tmp_path / "run")
     proc = torchrun(
-        2, ["--config", str(cfg), "--resume", "auto"],
+        2,
+        ["--config", str(cfg), "--resume", "auto"],
         env={"FUNNEL_KILL_AT_STEP": "25", "FUNNEL_KILL_RANK": "1"},
         extra=["--max-restarts=1"],
     )
@@ -180,12 +219,15 @@ def test_sigkill_mid_epoch_resumes_to_identical_weights(two_rank_run: Path, worl
     assert summary["resumed_from"] and "step=20" in summary["resumed_from"], proc.stderr[-3000:]
     reference = json.loads((two_rank_run / "run" / "summary.json").read_text())
     assert summary["global_step"] == reference["global_step"]
-    assert_same_weights(final_weights(tmp_path / "run", world), final_weights(two_rank_run / "run", world), 1e-6)
+    assert_same_weights(
+        final_weights(tmp_path / "run", world), final_weights(two_rank_run / "run", world), 1e-6
+    )
 
 
 @pytest.mark.slow
-def test_two_rank_checkpoint_evaluates_and_resumes_on_one_rank(two_rank_run: Path, world: Path, tmp_path: Path
-                                                                ) -> None:
+def test_two_rank_checkpoint_evaluates_and_resumes_on_one_rank(
+    two_rank_run: Path, world: Path, tmp_path: Path
+) -> None:
     run = two_rank_run / "run"
     reference = json.loads((run / "summary.json").read_text())["metrics"]
     cfg = write_config(tmp_path / "cfg.yaml", world, tmp_path / "eval")
@@ -199,3 +241,21 @@ def test_two_rank_checkpoint_evaluates_and_resumes_on_one_rank(two_rank_run: Pat
     cfg1 = write_config(tmp_path / "cfg1.yaml", world, tmp_path / "one")
     torchrun(1, ["--config", str(cfg1), "--resume", str(step20)])
     assert_same_weights(final_weights(tmp_path / "one", world), final_weights(run, world), 1e-5)
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_records_the_plan(world: Path, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        world,
+        tmp_path / "run",
+        logger={"kind": "wandb", "project": "funnel-test"},
+        trainer={"max_steps": 5, "max_epochs": 1, "checkpoint_every_n_steps": None, "test_after_fit": False},
+    )
+    torchrun(1, ["--config", str(cfg)], env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "expected one offline W&B run (no login needed)"
+    tables = list(runs[0].glob("files/media/table/sharding_plan_*.table.json"))
+    assert tables, "the sharding plan was not logged as a W&B table"
+    plan = json.loads(tables[0].read_text())
+    assert plan["columns"][:2] == ["table", "sharding_type"] and len(plan["data"]) >= 5

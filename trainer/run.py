@@ -33,36 +33,66 @@ log = logging.getLogger("funnel.train")
 
 
 # -- recipes: model name -> (LightningModule, LightningDataModule) ------------------------------
-def _deepfm(cfg: RunConfig) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+def _deepfm(cfg: RunConfig) -> tuple[pl.LightningModule, pl.LightningDataModule | None]:
     from data.ctr import CTRDataModule
     from models.deepfm import DeepFMConfig
     from trainer.ranking import DeepFMModule
 
-    dm = CTRDataModule(
-        cfg.data.path, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.seed, cfg.data.features
-    )
-    schema = dm.schema
     model_kwargs = dict(cfg.model)
+    # A cluster config may declare its table sizes so that `funnel plan` can size a model whose
+    # dataset is not on this machine; once the dataset exists, its vocabularies decide.
+    declared = model_kwargs.pop("sparse_features", None)
+    declared_dense = model_kwargs.pop("num_dense", None)
+    dm: CTRDataModule | None = None
+    if declared is not None and not (Path(cfg.data.path) / "meta.json").is_file():
+        sparse, num_dense = _declared_shapes(declared, declared_dense, cfg.data.path)
+        multi_valued = list(model_kwargs.pop("multi_valued", []))
+    else:
+        try:
+            dm = CTRDataModule(
+                cfg.data.path, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.seed, cfg.data.features
+            )
+        except ValueError as e:  # unknown feature names, wrong table layout
+            raise ConfigError(f"data: {e}") from e
+        schema = dm.schema
+        sparse = {f.name: f.vocab for f in schema.sparse}
+        num_dense = len(schema.dense)
+        multi_valued = [f.name for f in schema.sparse if f.multi_valued]
+        if declared is not None and declared != sparse:
+            log.warning("model.sparse_features differs from %s; the dataset's vocabularies are used", dm.path)
     try:
         model_cfg = DeepFMConfig(
-            sparse_features={f.name: f.vocab for f in schema.sparse},
-            num_dense=len(schema.dense),
-            multi_valued=[f.name for f in schema.sparse if f.multi_valued],
-            **model_kwargs,
+            sparse_features=sparse, num_dense=num_dense, multi_valued=multi_valued, **model_kwargs
         )
     except TypeError as e:
         raise ConfigError(f"model: {e}") from e
     return DeepFMModule(model_cfg, cfg.optimizer, init_seed=cfg.trainer.seed), dm
 
 
-RECIPES: dict[str, Callable[[RunConfig], tuple[pl.LightningModule, pl.LightningDataModule]]] = {
+def _declared_shapes(declared: Any, num_dense: Any, data_path: str) -> tuple[dict[str, int], int]:
+    """``model.sparse_features: {name: rows}`` and ``model.num_dense``, checked."""
+    if not isinstance(declared, dict) or not declared:
+        raise ConfigError(f"model.sparse_features: expected a mapping feature -> rows, got {declared!r}")
+    bad = {k: v for k, v in declared.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise ConfigError(f"model.sparse_features: rows must be positive integers, got {bad}")
+    if isinstance(num_dense, bool) or not isinstance(num_dense, int) or num_dense < 0:
+        raise ConfigError(
+            f"model.num_dense: a count >= 0 is needed with model.sparse_features while {data_path} "
+            f"is not a prepared dataset, got {num_dense!r}"
+        )
+    return {str(k): v for k, v in declared.items()}, num_dense
+
+
+# The data module is None only for a dry run (`funnel plan`) of a model whose config declares its
+# shapes and whose dataset is absent: training prepares the dataset before calling a recipe.
+Recipe = Callable[[RunConfig], tuple[pl.LightningModule, pl.LightningDataModule | None]]
+RECIPES: dict[str, Recipe] = {
     "deepfm": _deepfm,
 }
 
 
-def register_recipe(
-    name: str, build: Callable[[RunConfig], tuple[pl.LightningModule, pl.LightningDataModule]]
-) -> None:
+def register_recipe(name: str, build: Recipe) -> None:
     RECIPES[name] = build
 
 
@@ -221,8 +251,12 @@ def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, Any]:
     cfg.trainer.checkpoint_every_n_steps = None
     trainer = build_trainer(cfg, run_dir, [])
     results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-    summary = {"model": cfg.model_name, "checkpoint": checkpoint, "world_size": world,
-               "metrics": _scalar_metrics(results[0]) if results else {}}
+    summary = {
+        "model": cfg.model_name,
+        "checkpoint": checkpoint,
+        "world_size": world,
+        "metrics": _scalar_metrics(results[0]) if results else {},
+    }
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2))
@@ -311,8 +345,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", default=None, help="'auto' (last checkpoint of run_dir, if any) or a checkpoint path"
     )
     p.add_argument("--init-from", default=None, help="DCP checkpoint to take initial model weights from")
-    p.add_argument("--evaluate", default=None, metavar="CHECKPOINT",
-                   help="only test this checkpoint (written by any world size) and write evaluation.json")
+    p.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="CHECKPOINT",
+        help="only test this checkpoint (written by any world size) and write evaluation.json",
+    )
     return p.parse_args(argv)
 
 

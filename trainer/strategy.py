@@ -164,7 +164,9 @@ class TorchRecStrategy(ParallelStrategy):
                 timeout=self._timeout,
             )
         else:
-            _init_dist_connection(self.cluster_environment, self.process_group_backend(), timeout=self._timeout)
+            _init_dist_connection(
+                self.cluster_environment, self.process_group_backend(), timeout=self._timeout
+            )
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
 

@@ -1,0 +1,81 @@
+"""Bad configurations fail before training, with a message that says what to change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data.ctr import CTRSchema
+from data.shards import PreparedDataset
+from models.deepfm import DeepFM, DeepFMConfig
+from trainer.config import load_config
+from trainer.sharding import ConfigError, ShardingConfig, TableSharding, make_planner, plan_sharding
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data.synthetic import prepare_synthetic
+
+    return prepare_synthetic(tmp_path_factory.mktemp("cfg") / "tiny", "tiny", seed=0)
+
+
+def big_model() -> DeepFM:
+    cfg = DeepFMConfig(sparse_features={"user": 3_000_000, "item": 1000}, num_dense=0, embedding_dim=60)
+    return DeepFM(cfg, device=torch.device("meta"))
+
+
+def test_unknown_config_key_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"max_epoch": 3}}))
+    with pytest.raises(ConfigError, match=r"trainer: unknown key\(s\) \['max_epoch'\]"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["trainer.max_epochs"])
+
+
+def test_unknown_sharding_type_and_table() -> None:
+    with pytest.raises(ConfigError, match="unknown sharding type"):
+        ShardingConfig(sharding_types=["row_wize"])
+    cfg = ShardingConfig(tables={"usr": TableSharding(sharding_types=["row_wise"])})
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) \['usr'\].*'user'"):
+        make_planner(big_model(), cfg, world_size=2, local_world_size=2, device_type="cpu")
+
+
+def test_unknown_feature_is_refused(world: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown feature\(s\) \['usr'\].*has sparse features"):
+        CTRSchema.from_dataset(PreparedDataset(world), ["user", "usr"])
+
+
+def test_table_larger_than_every_rank_with_only_table_wise_fails_early() -> None:
+    # 3M x 64 fp32 = 0.72 GiB; each rank may hold 0.5 GiB
+    cfg = ShardingConfig(ddr_cap_gb=0.5, tables={"user": TableSharding(sharding_types=["table_wise"])})
+    with pytest.raises(ConfigError, match=r"table 'user'.*larger than one rank's DDR cap.*allow row_wise"):
+        plan_sharding(big_model(), cfg, world_size=2, local_world_size=2, device_type="cpu")
+    # the same table fits once it may be split across ranks
+    cfg.tables["user"] = TableSharding(sharding_types=["row_wise"])
+    plan = plan_sharding(big_model(), cfg, world_size=2, local_world_size=2, device_type="cpu")
+    user_plan = plan.plan["sparse_arch"]["user"]  # type: ignore[index]
+    assert user_plan.sharding_type == "row_wise" and sorted(user_plan.ranks) == [0, 1]
+
+
+def test_trainer_cli_reports_config_errors_with_exit_code_2(world: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"data": {"path": str(world), "features": ["user", "nope"]}, "run_dir": str(tmp_path)})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error" in proc.stderr and "'nope'" in proc.stderr
