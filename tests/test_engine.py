@@ -259,3 +259,19 @@ def test_wandb_logger_runs_offline_and_records_the_plan(world: Path, tmp_path: P
     assert tables, "the sharding plan was not logged as a W&B table"
     plan = json.loads(tables[0].read_text())
     assert plan["columns"][:2] == ["table", "sharding_type"] and len(plan["data"]) >= 5
+
+
+@pytest.mark.slow
+def test_fp16_embedding_tables_train_and_load_unsharded(world: Path, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        world,
+        tmp_path / "run",
+        sharding={"embedding_precision": "fp16"},
+        trainer={"max_steps": 20, "max_epochs": 1, "checkpoint_every_n_steps": None},
+    )
+    torchrun(2, ["--config", str(cfg)])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics"]["test/auc"] > 0.55
+    weights = final_weights(tmp_path / "run", world)
+    assert weights["sparse_arch.embedding_bags.user.weight"].abs().sum() > 0

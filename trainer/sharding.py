@@ -19,7 +19,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 log = logging.getLogger(__name__)
@@ -88,18 +88,20 @@ class EmbeddingBagCollectionSharderCPURowWise(EmbeddingBagCollectionSharder):
         return _with_cpu_row_wise(super().sharding_types(compute_device_type), compute_device_type)
 
 
-def sharders(embedding_precision: str = "fp32") -> list[ModuleSharder[nn.Module]]:
-    fused_params: dict[str, Any] = {}
-    if embedding_precision == "fp16":
-        from fbgemm_gpu.split_embedding_configs import SparseType
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    return [EmbeddingBagCollectionSharderCPURowWise(), EmbeddingCollectionSharder()]
 
-        fused_params["weights_precision"] = SparseType.FP16
-    elif embedding_precision != "fp32":
-        raise ConfigError(f"sharding.embedding_precision: {embedding_precision!r}; use fp32 or fp16")
-    return [
-        EmbeddingBagCollectionSharderCPURowWise(fused_params=fused_params or None),
-        EmbeddingCollectionSharder(fused_params=fused_params or None),
-    ]
+
+EMBEDDING_PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+def set_embedding_precision(module: nn.Module, precision: str) -> None:
+    """Store every table of ``module`` in ``precision`` (before sharding: TorchRec reads the table
+    configs' data_type when it builds the FBGEMM kernels)."""
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ConfigError(f"sharding.embedding_precision: {precision!r}; use {sorted(EMBEDDING_PRECISIONS)}")
+    for table in embedding_tables(module):
+        table.data_type = EMBEDDING_PRECISIONS[precision]
 
 
 def embedding_tables(module: nn.Module) -> list[BaseEmbeddingConfig]:
@@ -197,8 +199,9 @@ def plan_sharding(
     device_type: str | None = None,
 ) -> ShardingPlan:
     """The sharding plan; collective (all ranks agree) when a process group is given."""
+    set_embedding_precision(module, cfg.embedding_precision)
     planner, _ = make_planner(module, cfg, world_size, local_world_size, device_type)
-    shard = sharders(cfg.embedding_precision)
+    shard = sharders()
     try:
         if pg is not None:
             return planner.collective_plan(module, shard, pg)

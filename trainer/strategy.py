@@ -43,7 +43,14 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from trainer.sharding import ConfigError, ShardingConfig, describe_plan, format_plan, plan_sharding, sharders
+from trainer.sharding import (
+    ConfigError,
+    ShardingConfig,
+    describe_plan,
+    format_plan,
+    plan_sharding,
+    sharders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +211,7 @@ class TorchRecStrategy(ParallelStrategy):
             env=ShardingEnv.from_process_group(pg),
             device=self.root_device,
             plan=plan,
-            sharders=sharders(self.sharding.embedding_precision),
+            sharders=sharders(),
         )
 
     def sharded_modules(self) -> Iterator[tuple[str, DistributedModelParallel]]:
