@@ -1,0 +1,78 @@
+"""``funnel serve BUNDLE``: serve a bundle over HTTP (retrieval -> ranking -> re-ranking).
+
+The bundle is verified and loaded completely before the server binds, so a corrupt bundle fails
+here with its reason (exit code 1) instead of answering requests. Binds 127.0.0.1 unless told
+otherwise: put a reverse proxy in front rather than exposing it directly (``/admin/reload`` has no
+authentication of its own). Heavy imports happen inside the handler (``funnel --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is private
+    p = subparsers.add_parser("serve", help="serve a bundle over HTTP", description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory (funnel export bundle)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads per model call (default 1: requests run in parallel instead)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=4,
+        help="request handler threads (default 4; more only contend for the GIL)",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies get 413")
+    p.add_argument("--max-candidates", type=int, default=300, help="candidates ranked per request")
+    p.add_argument("--per-source", type=int, default=150, help="candidates taken from each ANN source")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    for flag in ("port", "torch_threads", "threads", "max_body_bytes", "max_candidates", "per_source"):
+        value = getattr(args, flag)
+        if value < (0 if flag == "port" else 1) or (flag == "port" and value > 65535):
+            print(f"error: --{flag.replace('_', '-')} {value} is out of range", file=sys.stderr)
+            return 2
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+    import torch
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.bundle import BundleError
+    from serving.funnel import Funnel, FunnelConfig
+
+    torch.set_num_threads(args.torch_threads)
+    faiss.omp_set_num_threads(args.torch_threads)
+    config = FunnelConfig(per_source=args.per_source, max_candidates=args.max_candidates)
+    try:
+        funnel = Funnel.load(args.bundle, config)
+    except BundleError as e:
+        print(f"error: bundle refused: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"funnel serve: bundle {funnel.version} ({funnel.info['items']} items, ranking "
+        f"{funnel.ranking_name}, retrieval {funnel.info['retrieval']}) on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(funnel, config, args.max_body_bytes, args.threads),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0

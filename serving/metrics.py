@@ -1,0 +1,121 @@
+"""Request counters and latency histograms, rendered in the Prometheus text exposition format.
+
+Hand-written rather than ``prometheus_client``: a few counters and histograms behind one lock are
+all the server needs, and the text format (``# HELP`` / ``# TYPE`` / samples) is stable.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+# seconds; dense where the funnel's latencies live (sub-millisecond stages to a 150 ms budget)
+BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: tuple[tuple[str, str], ...], extra: str = "") -> str:
+    parts = [f'{k}="{_escape(v)}"' for k, v in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(BUCKETS) and seconds > BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += seconds
+        self.n += 1
+
+
+class Metrics:
+    """Thread-safe counters and histograms keyed by label tuples."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
+        self.request_latency: dict[tuple[tuple[str, str], ...], Histogram] = defaultdict(Histogram)
+        self.stage_latency: dict[tuple[tuple[str, str], ...], Histogram] = defaultdict(Histogram)
+        self.reloads: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
+        self.candidates = Histogram()
+        self.bundle: dict[str, str] = {}
+
+    def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(("endpoint", endpoint), ("method", method), ("status", str(status)))] += 1
+            self.request_latency[(("endpoint", endpoint),)].observe(seconds)
+
+    def stages(self, latency_ms: dict[str, float], stages: tuple[str, ...]) -> None:
+        with self._lock:
+            for stage in stages:
+                if stage in latency_ms:
+                    self.stage_latency[(("stage", stage),)].observe(latency_ms[stage] / 1000.0)
+
+    def reload(self, result: str) -> None:
+        with self._lock:
+            self.reloads[(("result", result),)] += 1
+
+    def set_bundle(self, version: str, path: str) -> None:
+        with self._lock:
+            self.bundle = {"version": version, "path": path}
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            lines += [
+                "# HELP funnel_requests_total HTTP requests by endpoint, method and status code.",
+                "# TYPE funnel_requests_total counter",
+            ]
+            for labels, value in sorted(self.requests.items()):
+                lines.append(f"funnel_requests_total{_labels(labels)} {value}")
+            self._histogram(
+                lines,
+                "funnel_request_duration_seconds",
+                "Server-side request latency by endpoint.",
+                self.request_latency,
+            )
+            self._histogram(
+                lines,
+                "funnel_stage_duration_seconds",
+                "Latency of the funnel stages (retrieval, ranking, rerank, total) of /recommend.",
+                self.stage_latency,
+            )
+            lines += [
+                "# HELP funnel_reloads_total Bundle reloads by result (ok, refused).",
+                "# TYPE funnel_reloads_total counter",
+            ]
+            for labels, value in sorted(self.reloads.items()):
+                lines.append(f"funnel_reloads_total{_labels(labels)} {value}")
+            if self.bundle:
+                lines += [
+                    "# HELP funnel_bundle_info The bundle being served.",
+                    "# TYPE funnel_bundle_info gauge",
+                    f"funnel_bundle_info{_labels(tuple(sorted(self.bundle.items())))} 1",
+                ]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _histogram(
+        lines: list[str], name: str, help_text: str, series: dict[tuple[tuple[str, str], ...], Histogram]
+    ) -> None:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for labels, h in sorted(series.items()):
+            cumulative = 0
+            for bound, count in zip([*BUCKETS, float("inf")], h.counts, strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                bucket = _labels(labels, f'le="{le}"')
+                lines.append(f"{name}_bucket{bucket} {cumulative}")
+            lines.append(f"{name}_sum{_labels(labels)} {h.total}")
+            lines.append(f"{name}_count{_labels(labels)} {h.n}")

@@ -1,0 +1,443 @@
+"""The serving shim end to end: trained models -> bundle -> `funnel serve` subprocess -> HTTP on loopback.
+
+Guarded here: importing ``serving`` pulls in no training code; the funnel answers known and
+unknown users (two-tower ANN, similar-to-recent, trending -> DeepFM -> MMR) with per-stage scores and
+latencies; served ranking scores equal the training-time model's; bad input gets a 4xx naming the
+field and no input at all gets a 5xx (hypothesis); tampered bundles are refused at start and at
+reload while the old bundle keeps serving; a reload under traffic loses no request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_engine import torchrun, write_config
+
+from data.ctr import CTRBatchBuilder
+from data.shards import PreparedDataset
+from trainer.config import load_config
+from trainer.export_bundle import export_bundle
+from trainer.export_ranking import export_ranking, load_training_model
+from trainer.faiss_export import IndexConfig
+from trainer.retrieval import export_from_config
+from trainer.sequential import export_sasrec
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_TOWER = {
+    "user_features": ["user", "age_bucket", "gender", "occupation", "region"],
+    "item_features": ["item", "category", "price_bucket", "tags"],
+    "history_length": 10, "embedding_dim": 16, "user_arch": [32], "item_arch": [32], "output_dim": 16,
+}  # fmt: skip
+SASREC = {"embedding_dim": 16, "max_len": 20, "num_blocks": 1, "num_heads": 1, "dropout": 0.1, "loss": "ce",
+          "ks": [10]}  # fmt: skip
+TRAINING_ONLY = (
+    "trainer",
+    "data",
+    "models",
+    "torchrec",
+    "fbgemm_gpu",
+    "pytorch_lightning",
+    "lightning_fabric",
+)
+
+
+def test_importing_serving_pulls_in_no_training_code() -> None:
+    code = (
+        "import sys, serving, serving.app, serving.funnel, serving.ranking, serving.pt2, serving.features, "
+        "serving.metrics, serving.bundle\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_ONLY!r})\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(bundle: Path, port: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch", "serve", str(bundle), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"server exited ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny world; DeepFM, two-tower and SASRec trained on 2 ranks; two bundles; a server on bundle A.
+
+    Bundle A: fp32 ranking + two-tower + SASRec; bundle B: int8 ranking + two-tower (the reload target).
+    """
+    from data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("serving")
+    world = prepare_synthetic(root / "tiny", "tiny", seed=0)
+    deepfm_cfg = write_config(
+        root / "deepfm.yaml",
+        world,
+        root / "deepfm",
+        trainer={"checkpoint_every_n_steps": None, "test_after_fit": False},
+    )
+    torchrun(2, ["--config", str(deepfm_cfg)])
+    common = {
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "test_after_fit": False},
+        "logger": {"kind": "csv"},
+    }
+    recipes = {
+        "two_tower": {"model": TWO_TOWER, "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+                      "data": {"path": str(world), "batch_size": 256, "eval_batch_size": 512}},
+        "sasrec": {"model": SASREC, "sparse_optimizer": {"name": "adagrad", "lr": 0.05},
+                   "data": {"path": str(world), "batch_size": 128, "eval_batch_size": 256}},
+    }  # fmt: skip
+    configs = {}
+    for name, recipe in recipes.items():
+        configs[name] = root / f"{name}.yaml"
+        configs[name].write_text(
+            yaml.safe_dump({"model_name": name, **common, **recipe, "run_dir": str(root / name)})
+        )
+        torchrun(2, ["--config", str(configs[name])])
+    checkpoint = root / "deepfm/checkpoints/final.ckpt"
+    export_ranking(checkpoint, deepfm_cfg, root / "rank-fp32", "fp32", eval_rows=200)
+    export_ranking(checkpoint, deepfm_cfg, root / "rank-int8", "int8", eval_rows=200)
+    flat = IndexConfig(kind="flat")
+    export_from_config(configs["two_tower"], root / "two_tower/checkpoints/final.ckpt", root / "tt", flat)
+    export_sasrec(root / "sasrec/checkpoints/final.ckpt", configs["sasrec"], root / "sr", "flat")
+    retrieval = {"two_tower": root / "tt", "sasrec": root / "sr"}
+    export_bundle(root / "rank-fp32", retrieval, world, root / "bundle-a")
+    export_bundle(root / "rank-int8", {"two_tower": root / "tt"}, world, root / "bundle-b")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(root / "bundle-a", port)
+    try:
+        _wait_ready(proc, url)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield {
+                "root": root,
+                "world": world,
+                "url": url,
+                "client": client,
+                "deepfm_cfg": deepfm_cfg,
+                "checkpoint": checkpoint,
+                "proc": proc,
+            }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _users_items(world: Path) -> tuple[list[str], list[str]]:
+    ds = PreparedDataset(world)
+    return ds.idmap("user").tolist(), ds.idmap("item").tolist()
+
+
+@pytest.mark.slow
+def test_known_user_gets_the_whole_funnel(stack: Any) -> None:
+    client = stack["client"]
+    users, items = _users_items(stack["world"])
+    r = client.post("/recommend", json={"user_id": users[3], "k": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_known"] and not body["cold_start"]
+    assert set(body["sources"]) == {"two_tower", "sasrec", "trending"}  # sasrec: the stored history
+    assert body["candidates"] >= 10
+    ids = [x["item_id"] for x in body["items"]]
+    assert len(ids) == 10 == len(set(ids)) and set(ids) <= set(items)
+    for x in body["items"]:
+        assert x["stages"]["retrieval"] and 0.0 < x["stages"]["ranking"] < 1.0
+    ranking = [x["stages"]["ranking"] for x in body["items"]]
+    assert ranking == sorted(ranking, reverse=True), "diversity 0 must be the ranking order"
+    assert all(body["latency_ms"][s] > 0 for s in ("retrieval", "ranking", "rerank", "total"))
+
+    excluded = client.post("/recommend", json={"user_id": users[3], "k": 10, "exclude": ids[:3]}).json()
+    assert not set(ids[:3]) & {x["item_id"] for x in excluded["items"]}
+    session = client.post("/recommend", json={"user_id": users[3], "k": 10, "recent_items": items[:2]}).json()
+    assert set(session["sources"]) == {"two_tower", "sasrec", "similar_to_recent", "trending"}
+
+    diverse = client.post("/recommend", json={"user_id": users[3], "k": 10, "diversity": 0.7}).json()
+    assert len(diverse["items"]) == 10
+    vectors = np.load(stack["root"] / "bundle-a/items/embeddings.npy")
+    index = {raw: i + 1 for i, raw in enumerate(items)}
+
+    def mean_pairwise(result: dict[str, Any]) -> float:
+        v = vectors[[index[x["item_id"]] for x in result["items"]]]
+        sim = v @ v.T
+        return float((sim.sum() - np.trace(sim)) / (len(v) * (len(v) - 1)))
+
+    assert mean_pairwise(diverse) < mean_pairwise(body)
+
+
+@pytest.mark.slow
+def test_unknown_users_get_a_cold_start_answer(stack: Any) -> None:
+    client = stack["client"]
+    _, items = _users_items(stack["world"])
+    empty = client.post("/recommend", json={})
+    assert empty.status_code == 200 and empty.json()["cold_start"] and len(empty.json()["items"]) == 10
+    assert set(empty.json()["sources"]) == {"trending"}
+    recent = items[10:14]
+    r = client.post("/recommend", json={"user_id": "nobody-like-this", "recent_items": recent, "k": 7})
+    body = r.json()
+    assert r.status_code == 200 and body["cold_start"] and not body["user_known"]
+    assert set(body["sources"]) == {"two_tower", "sasrec", "similar_to_recent", "trending"}
+    assert len(body["items"]) == 7 and not set(recent) & {x["item_id"] for x in body["items"]}
+    features = client.post(
+        "/recommend", json={"user_features": {"age_bucket": "25-34", "gender": "F"}, "k": 5}
+    )
+    assert features.status_code == 200 and set(features.json()["sources"]) == {"two_tower", "trending"}
+
+
+@pytest.mark.slow
+def test_served_ranking_scores_equal_the_training_time_model(stack: Any) -> None:
+    ds = PreparedDataset(stack["world"])
+    model, dm = load_training_model(load_config(stack["deepfm_cfg"]), stack["checkpoint"])
+    rows = ds.split_rows("ctr", "test")[:25]
+    batch = CTRBatchBuilder(dm.dataset, dm.schema)(rows)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch.dense_features, batch.sparse_features)).numpy()
+    names = list(ds.tables["ctr"].columns["dense"].names or [])
+    spec = json.loads((stack["root"] / "bundle-a/ranking/deepfm/feature_spec.json").read_text())
+    context_names = [f["name"] for f in spec["dense"] if f["side"] == "context"]
+    users, items = ds.idmap("user"), ds.idmap("item")
+    dense = np.asarray(ds.column("ctr", "dense"))
+    served = []
+    for row in rows.tolist():
+        body = {
+            "user_id": str(users[ds.column("ctr", "user")[row] - 1]),
+            "candidates": [str(items[ds.column("ctr", "item")[row] - 1])],
+            "context": {n: float(dense[row, names.index(n)]) for n in context_names},
+            "exclude_recent": False,
+            "k": 1,
+        }
+        r = stack["client"].post("/recommend", json=body)
+        assert r.status_code == 200, r.text
+        served.append(r.json()["items"][0]["stages"]["ranking"])
+    assert expected.std() > 0.02
+    np.testing.assert_allclose(np.array(served), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_similar_health_metrics_and_schema(stack: Any) -> None:
+    client = stack["client"]
+    _, items = _users_items(stack["world"])
+    r = client.get(f"/similar/{items[5]}", params={"k": 4})
+    assert r.status_code == 200
+    sims = r.json()["items"]
+    assert len(sims) == 4 and items[5] not in [s["item_id"] for s in sims]
+    assert [s["similarity"] for s in sims] == sorted((s["similarity"] for s in sims), reverse=True)
+    missing = client.get("/similar/not-an-item")
+    assert missing.status_code == 404 and missing.json()["field"] == "item_id"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["bundle"]["retrieval"] == ["sasrec", "two_tower"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/recommend", "/similar/{item_id}", "/admin/reload", "/metrics"} <= set(paths)
+    text = client.get("/metrics").text
+    assert 'funnel_requests_total{endpoint="/recommend",method="POST",status="200"}' in text
+    assert 'funnel_stage_duration_seconds_bucket{stage="ranking",le="+Inf"}' in text
+    assert 'funnel_request_duration_seconds_count{endpoint="/similar/{item_id}"}' in text
+
+
+@pytest.mark.slow
+def test_invalid_input_gets_a_4xx_naming_the_field(stack: Any) -> None:
+    client = stack["client"]
+    cases = [
+        ({"k": 0}, 422, "k"),
+        ({"diversity": 1.5}, 422, "diversity"),
+        ({"user_features": {"shoe_size": 42}}, 422, "user_features.shoe_size"),
+        ({"user_features": {"age_bucket": 1.5}}, 422, "user_features.age_bucket"),
+        ({"context": {"hour": "noon"}}, 422, "context.hour"),
+        ({"context": {"weather": 1.0}}, 422, "context.weather"),
+        ({"recent_items": "i001"}, 422, "recent_items"),
+        ({"surprise": 1}, 422, "surprise"),
+    ]
+    for body, status, field in cases:
+        r = client.post("/recommend", json=body)
+        assert r.status_code == status and r.json()["field"] == field, (body, r.text)
+    nan = client.post(
+        "/recommend", content=b'{"diversity": NaN}', headers={"content-type": "application/json"}
+    )
+    assert nan.status_code == 422 and nan.json()["field"] == "diversity"
+    broken = client.post("/recommend", content=b'{"k": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["field"] == "body"
+    big = client.post("/recommend", json={"exclude": ["x" * 200] * 400})
+    assert big.status_code == 413 and big.json()["field"] == "body"
+
+    def streamed() -> Any:  # chunked: no content-length to refuse it by
+        yield b'{"exclude": ['
+        for _ in range(8000):
+            yield b'"xxxxxxxxxx",'
+        yield b'"x"]}'
+
+    chunked = client.post("/recommend", content=streamed(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["field"] == "body"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn, users: list[str], items: list[str]) -> bytes:
+    ident = st.sampled_from(users) | st.sampled_from(items) | _JSON
+    fields = {
+        "user_id": st.sampled_from(users) | _JSON,
+        "user_features": st.dictionaries(
+            st.sampled_from(["age_bucket", "gender", "region", "user_activity", "x"]) | st.text(max_size=6),
+            _JSON | st.sampled_from(["F", "M", "25-34"]),
+            max_size=4,
+        )
+        | _JSON,
+        "recent_items": st.lists(ident, max_size=6) | _JSON,
+        "k": st.integers(-3, 260) | _JSON,
+        "exclude": st.lists(ident, max_size=6) | _JSON,
+        "diversity": st.floats(-1, 2) | _JSON,
+        "context": st.dictionaries(
+            st.sampled_from(["position", "hour", "is_weekend", "session_depth", "price"])
+            | st.text(max_size=6),
+            _JSON,
+            max_size=4,
+        )
+        | _JSON,
+        "exclude_recent": _JSON,
+        "candidates": st.none() | st.lists(ident, max_size=6) | _JSON,
+    }
+    body = draw(st.fixed_dictionaries({}, optional=fields))
+    if draw(st.booleans()):
+        body.update(draw(st.dictionaries(st.text(max_size=8), _JSON, max_size=2)))
+    kind = draw(st.sampled_from(["json", "json", "json", "raw", "other"]))
+    if kind == "raw":
+        return draw(st.binary(max_size=200))
+    if kind == "other":
+        return json.dumps(draw(_JSON)).encode()
+    return json.dumps(body).encode()  # NaN / Infinity included: Python writes them
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_get_a_5xx(stack: Any) -> None:
+    client = stack["client"]
+    users, items = _users_items(stack["world"])
+    statuses: list[int] = []
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(body=_bodies(users[:20], items[:50]), path=st.text(max_size=30), k=_JSON)
+    def check(body: bytes, path: str, k: Any) -> None:
+        r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        statuses.append(r.status_code)
+        s = client.get(f"/similar/{quote(path, safe='')}", params={"k": json.dumps(k)})
+        assert s.status_code < 500, (path, k, s.text)
+
+    check()
+    assert 200 in statuses and 422 in statuses, "the fuzzer must reach both valid and invalid requests"
+    assert 'status="5' not in client.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_tampered_bundles_are_refused_at_start_and_at_reload(stack: Any, tmp_path: Path) -> None:
+    client = stack["client"]
+    serving = client.get("/readyz").json()["bundle"]["version"]
+    tampered = tmp_path / "tampered"
+    shutil.copytree(stack["root"] / "bundle-a", tampered)
+    with open(tampered / "ranking/deepfm/weights.safetensors", "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    r = client.post("/admin/reload", json={"path": str(tampered)})
+    assert r.status_code == 422 and "checksum mismatch" in r.json()["error"] and r.json()["field"] == "path"
+    missing = client.post("/admin/reload", json={"path": str(tmp_path / "nope")})
+    assert missing.status_code == 422 and "not a directory" in missing.json()["error"]
+    assert client.get("/readyz").json()["bundle"]["version"] == serving
+    assert client.post("/recommend", json={"k": 3}).status_code == 200
+    assert 'funnel_reloads_total{result="refused"}' in client.get("/metrics").text
+
+    proc = _serve(tampered, _free_port())
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "checksum mismatch" in out
+
+
+@pytest.mark.slow
+def test_reload_under_traffic_loses_no_request(stack: Any) -> None:
+    client = stack["client"]
+    users, _ = _users_items(stack["world"])
+    before = client.get("/readyz").json()["bundle"]["version"]
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=stack["url"], timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                r = c.post("/recommend", json={"user_id": users[i % len(users)], "k": 5})
+                results.append(
+                    (r.status_code, r.json().get("bundle", "") if r.status_code == 200 else r.text)
+                )
+                i += 1
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        reloaded = client.post("/admin/reload", json={"path": str(stack["root"] / "bundle-b")})
+        assert reloaded.status_code == 200, reloaded.text
+        after = reloaded.json()["bundle"]["version"]
+        time.sleep(0.5)
+        back = client.post("/admin/reload", json={"path": str(stack["root"] / "bundle-a")})
+        assert back.status_code == 200
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert after != before
+    assert len(results) > 20
+    assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:3]
+    seen = [bundle for _, bundle in results]
+    assert before in seen and after in seen, "traffic did not span both bundles"
+    assert client.get("/readyz").json()["bundle"]["version"] == before
