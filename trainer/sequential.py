@@ -552,16 +552,24 @@ def export_sasrec(
     out: str | os.PathLike[str],
     index: IndexConfig | str | None = None,
     overwrite: bool = False,
+    overrides: list[str] | None = None,
 ) -> Path:
-    """:func:`export_sequential` from a config file (``sasrec`` or ``gru4rec``)."""
-    return export_sequential(load_config(config), checkpoint, out, index, overwrite=overwrite)
+    """:func:`export_sequential` from a config file (``sasrec`` or ``gru4rec``) and ``--set`` overrides."""
+    return export_sequential(load_config(config, overrides), checkpoint, out, index, overwrite=overwrite)
 
 
 def export_sequential_cmd(args: argparse.Namespace) -> int:
     """CLI hook: ``args.checkpoint``, ``args.config``, ``args.out``, ``args.index`` (index kind or
     None for exact search) and ``args.overwrite``; prints the artifact path, returns the exit code."""
     try:
-        path = export_sasrec(args.checkpoint, args.config, args.out, args.index, bool(args.overwrite))
+        path = export_sasrec(
+            args.checkpoint,
+            args.config,
+            args.out,
+            args.index,
+            bool(args.overwrite),
+            getattr(args, "overrides", []),
+        )
     except ConfigError as e:
         print(f"funnel: config error: {e}", file=sys.stderr, flush=True)
         return 2
