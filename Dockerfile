@@ -8,10 +8,14 @@
 # image matches torch's CUDA anyway so that tools in the image and the wheels agree, and so that the
 # image declares the CUDA version the driver must support (NVIDIA_REQUIRE_CUDA).
 #
-# Keep these three in step (tests/test_launch_templates.py checks them against pyproject.toml):
-#   TORCH_VERSION = the torch pin in pyproject.toml
-#   TORCH_CUDA    = torch.version.cuda of that wheel (2.14.1 on PyPI: 13.0; it pins cuda-toolkit 13.0.3)
-#   BASE_IMAGE    = an nvidia/cuda tag of the same CUDA major.minor
+# Keep these in step (tests/test_launch_templates.py checks them against pyproject.toml):
+#   TORCH_VERSION     = the torch pin in pyproject.toml
+#   TORCH_CUDA        = torch.version.cuda of that wheel (2.14.1 on PyPI: 13.0; it pins cuda-toolkit 13.0.3)
+#   BASE_IMAGE        = an nvidia/cuda tag of the same CUDA major.minor
+#   FAISS_GPU_VERSION = the faiss-gpu pin of the gpu extra
+# FAISS is the exception to "one CUDA": faiss-gpu 1.15.1 is a CUDA 12 build (the CUDA 13 wheel does
+# not install beside torch's NCCL, see pyproject.toml) and brings its own CUDA 12 runtime, cuBLAS and
+# cuRAND as pip packages (~700 MiB). A driver new enough for torch's CUDA 13 runs both.
 # Pin BASE_IMAGE further by digest for reproducible builds (nvidia/cuda:<tag>@sha256:...).
 # The `-base-` flavour of the same tag also works and is smaller: the wheels bring the libraries.
 ARG BASE_IMAGE=nvidia/cuda:13.0.3-runtime-ubuntu24.04
@@ -22,6 +26,7 @@ FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 ARG TORCH_VERSION=2.14.1
 ARG TORCH_CUDA=13.0
+ARG FAISS_GPU_VERSION=1.15.1
 
 LABEL org.opencontainers.image.title="funnel" \
       org.opencontainers.image.description="Sharded recsys training (Lightning + TorchRec + FBGEMM + FAISS), GPU build" \
@@ -62,6 +67,11 @@ RUN mkdir data models trainer launch serving \
 RUN python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}' \
 or torch.version.cuda != '${TORCH_CUDA}')" \
     || { echo "expected torch ${TORCH_VERSION} for CUDA ${TORCH_CUDA}: see the top of the Dockerfile" >&2; exit 1; }
+# faiss-gpu and faiss-cpu share the `faiss` import package: exactly the GPU one must be there. Checked
+# from the metadata; its GPU code needs a driver, and `python -m launch.gpu_check` exercises it.
+RUN python -c "import importlib.metadata as m, sys; sys.exit(m.version('faiss-gpu') != '${FAISS_GPU_VERSION}')" \
+    && ! python -m pip show -q faiss-cpu 2>/dev/null \
+    || { echo "expected faiss-gpu ${FAISS_GPU_VERSION} and no faiss-cpu: see pyproject.toml's gpu extra" >&2; exit 1; }
 
 # The project itself; --no-deps: the layer above already resolved everything.
 COPY data ./data

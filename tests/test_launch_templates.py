@@ -227,3 +227,11 @@ def test_sbatch_header_comment_example_is_consistent():
     header = "\n".join(line for line in SBATCH.read_text().splitlines() if line.startswith("#"))
     match = re.search(r"NNODES=(\d+).*?sbatch --nodes=(\d+)", header, flags=re.S)
     assert match and match[1] == match[2]
+
+
+def test_dockerfile_faiss_gpu_matches_the_gpu_extra():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    pins = [d.split("==", 1)[1].strip() for d in extra if re.match(r"faiss-gpu\s*==", d)]
+    assert len(pins) == 1, f"expected exactly one faiss-gpu==X pin in the gpu extra: {extra}"
+    assert _dockerfile_args()["FAISS_GPU_VERSION"] == pins[0]
+    assert not [d for d in extra if d.startswith("faiss-cpu")], "faiss-cpu and faiss-gpu share one package"
