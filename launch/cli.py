@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "launch.train_cmd",
     "launch.plan_cmd",
     "launch.demo_cmd",
+    "launch.serve_cmd",
+    "launch.export_cmd",
 ]
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # faiss logs every CPU-specific build it fails to find before loading the generic one
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

@@ -20,11 +20,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+HEADLINE_METRICS = {
+    "test/auc",
+    "test/logloss",
+    "test/recall@20",
+    "test/ndcg@20",
+    "test/pop_recall@20",
+    "test/sampled_ndcg@10",
+    "test/sampled_hr@10",
+    "test/full_hr@10",
+}
 
 
 def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is private
-    p = subparsers.add_parser("demo", help="run the whole funnel end to end on the synthetic world",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "demo",
+        help="run the whole funnel end to end on the synthetic world",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="where everything is written")
     p.add_argument("--preset", default="small", help="synthetic world preset (tiny, small, medium)")
     p.add_argument("--nproc-per-node", type=int, default=2, help="training processes (default 2)")
@@ -71,43 +84,97 @@ def _recipes() -> list[str]:
 def demo(args: argparse.Namespace) -> int:
     run = args.run_dir.resolve()
     data = run / "data"
-    _step("1. synthetic world", _funnel("data", "prepare", "synthetic", "--preset", args.preset, "--out", str(data)),
-          done=data / "meta.json")
+    _step(
+        "1. synthetic world",
+        _funnel("data", "prepare", "synthetic", "--preset", args.preset, "--out", str(data)),
+        done=data / "meta.json",
+    )
     common = ["--set", f"data.path={data}", "--set", f"logger.kind={args.logger}"]
     if args.epochs is not None:
         common += ["--set", f"trainer.max_epochs={args.epochs}"]
     recipes = _recipes()
-    configs = {"deepfm": "configs/deepfm_synthetic.yaml", "two_tower": "configs/two_tower_synthetic.yaml",
-               "sasrec": "configs/sasrec_synthetic.yaml"}
+    configs = {
+        "deepfm": "configs/deepfm_synthetic.yaml",
+        "two_tower": "configs/two_tower_synthetic.yaml",
+        "sasrec": "configs/sasrec_synthetic.yaml",
+    }
     for i, name in enumerate(recipes, start=2):
         out = run / name
-        _step(f"{i}. train {name} on {args.nproc_per_node} rank(s)",
-              _funnel("train", name, "--config", configs[name], "--nproc-per-node", str(args.nproc_per_node),
-                      *common, "--set", f"run_dir={out}"),
-              done=out / "summary.json")
+        _step(
+            f"{i}. train {name} on {args.nproc_per_node} rank(s)",
+            _funnel(
+                "train",
+                name,
+                "--config",
+                configs[name],
+                "--nproc-per-node",
+                str(args.nproc_per_node),
+                *common,
+                "--set",
+                f"run_dir={out}",
+            ),
+            done=out / "summary.json",
+        )
     artifacts = run / "artifacts"
     ckpt = "checkpoints/final.ckpt"
     n = len(recipes) + 2
-    _step(f"{n}. export ranking artifact (torch.export, fp32)",
-          _funnel("export", "ranking", "--checkpoint", str(run / "deepfm" / ckpt), "--config", configs["deepfm"],
-                  "--out", str(artifacts / "ranking"), "--set", f"data.path={data}"),
-          done=artifacts / "ranking" / "manifest.json")
+    _step(
+        f"{n}. export ranking artifact (torch.export, fp32)",
+        _funnel(
+            "export",
+            "ranking",
+            "--checkpoint",
+            str(run / "deepfm" / ckpt),
+            "--config",
+            configs["deepfm"],
+            "--out",
+            str(artifacts / "ranking"),
+            "--set",
+            f"data.path={data}",
+        ),
+        done=artifacts / "ranking" / "manifest.json",
+    )
     retrieval: list[str] = []
     for name, command in (("two_tower", "retrieval"), ("sasrec", "sequential")):
         if name not in recipes:
             continue
         n += 1
-        _step(f"{n}. export {name} retrieval index (FAISS)",
-              _funnel("export", command, "--checkpoint", str(run / name / ckpt), "--config", configs[name],
-                      "--out", str(artifacts / name), "--set", f"data.path={data}", "--index", "ivf_flat"),
-              done=artifacts / name / "manifest.json")
+        _step(
+            f"{n}. export {name} retrieval index (FAISS)",
+            _funnel(
+                "export",
+                command,
+                "--checkpoint",
+                str(run / name / ckpt),
+                "--config",
+                configs[name],
+                "--out",
+                str(artifacts / name),
+                "--set",
+                f"data.path={data}",
+                "--index",
+                "ivf_flat",
+            ),
+            done=artifacts / name / "manifest.json",
+        )
         retrieval += ["--retrieval", f"{name}={artifacts / name}"]
     n += 1
     bundle = run / "bundle"
-    _step(f"{n}. assemble the bundle",
-          _funnel("export", "bundle", "--ranking", f"deepfm={artifacts / 'ranking'}", *retrieval,
-                  "--dataset", str(data), "--out", str(bundle)),
-          done=bundle / "manifest.json")
+    _step(
+        f"{n}. assemble the bundle",
+        _funnel(
+            "export",
+            "bundle",
+            "--ranking",
+            f"deepfm={artifacts / 'ranking'}",
+            *retrieval,
+            "--dataset",
+            str(data),
+            "--out",
+            str(bundle),
+        ),
+        done=bundle / "manifest.json",
+    )
     n += 1
     print(f"\n=== {n}. serve the bundle and query it ===", flush=True)
     port = _free_port()
@@ -126,8 +193,21 @@ def demo(args: argparse.Namespace) -> int:
         request = {"user_id": _first_user(data), "k": 10, "diversity": 0.3}
         response = _http(f"{base}/recommend", request)
         print(f"POST /recommend {json.dumps(request)}")
-        print(json.dumps(response, indent=2)[:3000])
-        cold = _http(f"{base}/recommend", {"user_id": "someone-new", "recent_items": _first_items(data, 3), "k": 5})
+        print(f"{'item':<12}{'final':>8}{'ranking':>9}  sources")
+        for item in response["items"]:
+            stages = item["stages"]
+            print(
+                f"{item['item_id']!s:<12}{item['score']:>8.3f}{stages['ranking']:>9.3f}  "
+                f"{', '.join(sorted(stages['retrieval']))}"
+            )
+        print(
+            "latency ms:",
+            {k: round(v, 2) for k, v in response["latency_ms"].items()},
+            f"candidates: {response['candidates']}  sources: {response['sources']}",
+        )
+        cold = _http(
+            f"{base}/recommend", {"user_id": "someone-new", "recent_items": _first_items(data, 3), "k": 5}
+        )
         print("cold-start user ->", [item.get("item_id") for item in cold.get("items", [])])
     finally:
         server.terminate()
@@ -135,7 +215,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\nfunnel demo: done. Run directory: {run}")
     for name in recipes:
         summary = json.loads((run / name / "summary.json").read_text())
-        metrics = {k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("test/")}
+        metrics = {k: round(v, 4) for k, v in summary["metrics"].items() if k in HEADLINE_METRICS}
         print(f"  {name:<10} {summary['samples_per_sec']:>10,.0f} samples/s  {metrics}")
     return 0
 

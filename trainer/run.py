@@ -89,6 +89,9 @@ def _declared_shapes(declared: Any, num_dense: Any, data_path: str) -> tuple[dic
 Recipe = Callable[[RunConfig], tuple[pl.LightningModule, pl.LightningDataModule | None]]
 RECIPES: dict[str, Recipe] = {
     "deepfm": _deepfm,
+    "two_tower": lambda cfg: __import__("trainer.retrieval", fromlist=["*"]).build_two_tower(cfg),
+    "sasrec": lambda cfg: __import__("trainer.sequential", fromlist=["*"]).sasrec_recipe(cfg),
+    "gru4rec": lambda cfg: __import__("trainer.sequential", fromlist=["*"]).gru4rec_recipe(cfg),
 }
 
 

@@ -1,0 +1,327 @@
+"""Two-tower retrieval benchmark: ML-1M (LCF/UltraGCN split) with an ablation, ML-100K against
+popularity and matrix factorisation, and FAISS index build time / QPS / recall.
+
+* ML-1M (`../shared/data/movielens-1m-ultragcn`, train/test as given): full-ranking Recall@20 and
+  NDCG@20 of funnel's two-tower, trained through the real entry point (`python -m trainer` under
+  torchrun, sharded tables, Lightning), trained for `--ml1m-epochs`. Ablation, every variant trained
+  for the same `--ablation-epochs`: full (logQ + mixed negatives + cross-rank negatives, 2 ranks),
+  without logQ, without mixed negatives, without the cross-rank gather (2 ranks: each rank's pool is
+  its half of the batch), and the full model on 1 rank (the same pool as 2 ranks with the gather).
+* ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
+  ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
+* Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
+  IndexConfig defaults, pq_m 8) over its item embeddings with the exported encoder's user embeddings
+  as queries, and over the latent item vectors of the synthetic world `medium` (40,000 items, user
+  latents as queries), a catalog large enough for approximate search to start paying off.
+
+Usage: `python benchmarks/two_tower.py [--ml1m-epochs 8] [--ablation-epochs 2] [--ml100k-epochs 5]`;
+prints a summary and writes benchmarks/results/two_tower.json. Defaults are sized to finish well
+under 20 minutes on 2 CPU cores (see the `seconds` entries of the JSON for the measured times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.retrieval import RetrievalDataModule  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.faiss_export import IndexConfig, build_index, evaluate_index  # noqa: E402
+from trainer.retrieval import build_two_tower  # noqa: E402
+from trainer.topk_metrics import TopKAccumulator, mask_scores, metric_names, topk_metrics_from_scores  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+PUBLISHED_ML1M = {
+    "LightGCN": {"recall@20": 0.2576, "ndcg@20": 0.2427},
+    "UltraGCN": {"recall@20": 0.2787, "ndcg@20": 0.2642},
+    "SimpleX": {"recall@20": 0.2802, "ndcg@20": 0.2670},
+}
+HEADLINE = "full (2 ranks)"
+ABLATION = {
+    HEADLINE: (2, []),
+    "full (2 ranks), short": (2, []),
+    "no logQ": (2, ["model.loss.logq_correction=false"]),
+    "no mixed negatives": (2, ["model.loss.num_negatives=0"]),
+    "no cross-rank negatives": (2, ["model.loss.cross_rank_negatives=false"]),
+    "full (1 rank)": (1, []),
+}
+
+
+def funnel(args: list[str]) -> None:
+    from launch.cli import main
+
+    if main(args):
+        raise RuntimeError(f"funnel {' '.join(args)} failed")
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    out = {}
+    ml1m = SHARED / "movielens-1m-ultragcn"
+    if ml1m.is_dir():
+        out["ml-1m"] = work / "data-ml-1m-ultragcn"
+        if not (out["ml-1m"] / "meta.json").exists():
+            funnel(["data", "prepare", "user-items", "--input", str(ml1m / "train.txt"),
+                    "--test-file", str(ml1m / "test.txt"), "--out", str(out["ml-1m"])])  # fmt: skip
+    ml100k = SHARED / "movielens-100k"
+    if ml100k.is_dir():
+        out["ml-100k"] = work / "data-ml-100k"
+        if not (out["ml-100k"] / "meta.json").exists():
+            funnel(["data", "prepare", "movielens", "--input", str(ml100k), "--out", str(out["ml-100k"])])
+    return out
+
+
+def train(config: str, dataset: Path, run_dir: Path, nproc: int, overrides: list[str]) -> dict[str, Any]:
+    """One run of `python -m trainer` under torchrun; returns its summary.json."""
+    sets = [f"data.path={dataset}", f"run_dir={run_dir}", "trainer.enable_progress_bar=false",
+            "logger.kind=none", "trainer.checkpoint_every_n_steps=null", *overrides]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "trainer", "--config", str(REPO / "configs" / config)]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)),
+        "WANDB_MODE": "disabled",
+    }
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _pick(summary: dict[str, Any], names: list[str], prefix: str = "test/") -> dict[str, float]:
+    return {n: round(summary["metrics"][f"{prefix}{n}"], 4) for n in names}
+
+
+# -- ML-1M ---------------------------------------------------------------------------------------
+def ml1m(dataset: Path, work: Path, epochs: int, ablation_epochs: int) -> dict[str, Any]:
+    names = ["recall@20", "ndcg@20", "recall@10", "recall@50"]
+    rows: dict[str, Any] = {}
+    for name, (nproc, overrides) in ABLATION.items():
+        run_dir = work / "ml1m" / "".join(c if c.isalnum() else "_" for c in name)
+        variant_epochs = epochs if name == HEADLINE else ablation_epochs
+        s = train(
+            "two_tower_ml1m.yaml",
+            dataset,
+            run_dir,
+            nproc,
+            [f"trainer.max_epochs={variant_epochs}", *overrides],
+        )
+        rows[name] = {
+            **_pick(s, names),
+            "popularity": _pick(s, ["recall@20", "ndcg@20"], "test/pop_"),
+            "epochs": variant_epochs,
+            "ranks": nproc,
+            "samples_per_sec": s["samples_per_sec"],
+            "fit_seconds": s["fit_seconds"],
+            "checkpoint": s["checkpoint"],
+        }
+        r = rows[name]
+        print(f"  ml-1m {name:<26} recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}  "
+              f"({variant_epochs} epochs, {s['fit_seconds']:.0f} s, {s['samples_per_sec']:,.0f} samples/s)",
+              flush=True)  # fmt: skip
+    return rows
+
+
+# -- ML-100K -------------------------------------------------------------------------------------
+def evaluate_scores(
+    dm: RetrievalDataModule, score: Any, ks: tuple[int, ...] = (10, 20, 50)
+) -> dict[str, float]:
+    """Full-ranking test metrics of ``score(users) -> [U, items + 1]`` under the two-tower protocol."""
+    ev = dm.eval_users("test")
+    assert ev is not None
+    width = dm.schema.num_items + 1
+    acc = TopKAccumulator(metric_names(ks))
+    for lo in range(0, len(ev.users), 1024):
+        batch = dm.user_batch("test", np.arange(lo, min(lo + 1024, len(ev.users))))
+        seen = batch.seen_mask(width)
+        seen[:, 0] = True
+        scores = score(batch.user)
+        acc.update(topk_metrics_from_scores(mask_scores(scores, seen), batch.target_mask(width), ks))
+    return acc.compute()
+
+
+def bpr_mf(dataset: Path, epochs: int, dim: int = 64, lr: float = 0.005, l2: float = 1e-5) -> dict[str, Any]:
+    """Plain PyTorch matrix factorisation with the BPR loss and uniform negatives (Rendle et al., 2009)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
+    dm = RetrievalDataModule(dataset, history_length=0)
+    train = np.flatnonzero(dm.codes == 0)
+    users = torch.from_numpy(dm.inter_user[train])
+    items = torch.from_numpy(dm.inter_item[train])
+    user_emb = torch.nn.Embedding(dm.schema.num_users + 1, dim)
+    item_emb = torch.nn.Embedding(dm.schema.num_items + 1, dim)
+    for e in (user_emb, item_emb):
+        torch.nn.init.normal_(e.weight, std=0.1)
+    opt = torch.optim.Adam([*user_emb.parameters(), *item_emb.parameters()], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=g)
+        for lo in range(0, len(order), 1024):
+            idx = order[lo : lo + 1024]
+            u, i = user_emb(users[idx]), item_emb(items[idx])
+            j = item_emb(torch.randint(1, dm.schema.num_items + 1, (len(idx),), generator=g))
+            loss = -torch.nn.functional.logsigmoid((u * (i - j)).sum(1)).mean()
+            loss = loss + l2 * (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / len(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        table = item_emb.weight
+        metrics = evaluate_scores(dm, lambda u: user_emb(u) @ table.T)
+    return {**{k: round(v, 4) for k, v in metrics.items() if k != "mrr"}, "epochs": epochs,
+            "train_seconds": round(seconds, 1)}  # fmt: skip
+
+
+def ml100k(dataset: Path, work: Path, epochs: int, mf_epochs: int) -> dict[str, Any]:
+    names = ["recall@10", "recall@20", "recall@50", "ndcg@10"]
+    s = train("two_tower_ml100k.yaml", dataset, work / "ml100k", 2, [f"trainer.max_epochs={epochs}"])
+    out = {
+        "two_tower": {**_pick(s, names), "epochs": epochs, "fit_seconds": s["fit_seconds"]},
+        "popularity": _pick(s, names, "test/pop_"),
+        "bpr_mf": {k: v for k, v in bpr_mf(dataset, mf_epochs).items() if k.split("@")[0] != "hr"},
+    }
+    for name, r in out.items():
+        print(f"  ml-100k {name:<11} " + "  ".join(f"{n} {r[n]:.4f}" for n in names), flush=True)
+    return out
+
+
+# -- indexes -------------------------------------------------------------------------------------
+INDEXES = {
+    "flat": IndexConfig(kind="flat"),
+    "ivf_flat": IndexConfig(kind="ivf_flat"),
+    "ivf_pq": IndexConfig(kind="ivf_pq", pq_m=8),
+    "hnsw": IndexConfig(kind="hnsw"),
+}
+
+
+def index_table(items: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
+    rows = {}
+    for name, cfg in INDEXES.items():
+        started = time.perf_counter()
+        index = build_index(items, cfg)
+        build = time.perf_counter() - started
+        q = evaluate_index(index, items, queries, k=100)
+        rows[name] = {"build_seconds": round(build, 3), "recall@100": round(q["recall@100"], 4),
+                      "qps": round(q["qps"]), "exact_qps": round(q["exact_qps"])}  # fmt: skip
+        print(f"    {name:<9} build {build:7.2f} s  recall@100 {q['recall@100']:.4f}  {q['qps']:>10,.0f} q/s "
+              f"(exact {q['exact_qps']:,.0f} q/s)", flush=True)  # fmt: skip
+    return rows
+
+
+def world_catalog(preset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unit item and user latent vectors of a synthetic world (category-clustered, 16-d)."""
+    from data.synthetic import PRESETS, make_world
+
+    world = make_world(PRESETS[preset])
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return unit(world.item_latent[1:]), unit(world.user_latent[1:2001])
+
+
+def indexes(dataset: Path, checkpoint: str, work: Path, preset: str) -> dict[str, Any]:
+    out_dir = work / "artifact-ml1m"
+    started = time.perf_counter()
+    config = REPO / "configs" / "two_tower_ml1m.yaml"
+    funnel(["export", "retrieval", "--checkpoint", checkpoint, "--config", str(config),
+            "--set", f"data.path={dataset}", "--out", str(out_dir), "--overwrite"])  # fmt: skip
+    export_seconds = time.perf_counter() - started
+    meta = json.loads((out_dir / "meta.json").read_text())
+    items = np.load(out_dir / "item_embeddings.npy")
+    encoder = torch.export.load(out_dir / "encoder.pt2").module()
+    _, dm = build_two_tower(load_config(config, [f"data.path={dataset}"]))
+    arrays = dm.query_arrays("test")  # the encoder's inputs, as serving would build them
+    with torch.no_grad():
+        queries = encoder(
+            torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"])
+        ).numpy()
+    print(
+        f"  index: ML-1M items ({len(items):,} x {items.shape[1]}), {len(queries):,} user queries", flush=True
+    )
+    ml1m_rows = index_table(items, queries)
+    big, big_queries = world_catalog(preset)
+    print(f"  index: synthetic world {preset!r} item latents ({len(big):,} x {big.shape[1]}), "
+          f"{len(big_queries):,} user latents as queries", flush=True)  # fmt: skip
+    big_rows = index_table(big, big_queries)
+    return {"export_seconds": round(export_seconds, 1), "export_ann": meta["ann"],
+            "ml1m_items": ml1m_rows, f"synthetic_{preset}_items": big_rows}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ml1m-epochs", type=int, default=8, help="epochs of the headline ML-1M run")
+    p.add_argument("--ablation-epochs", type=int, default=2, help="epochs of every other ML-1M variant")
+    p.add_argument("--ml100k-epochs", type=int, default=5)
+    p.add_argument("--mf-epochs", type=int, default=30)
+    p.add_argument(
+        "--catalog", default="medium", help="synthetic world preset whose item latents are indexed"
+    )
+    p.add_argument("--work", default=str(REPO / "runs" / "bench-two-tower"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "two_tower.json"))
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "settings": vars(args),
+        "published_ml1m": PUBLISHED_ML1M,
+        "seconds": {},
+    }
+    data = prepare(work)
+    if "ml-1m" in data:
+        t = time.perf_counter()
+        print("== ML-1M (LCF/UltraGCN split), full ranking ==", flush=True)
+        results["ml1m"] = ml1m(data["ml-1m"], work, args.ml1m_epochs, args.ablation_epochs)
+        results["seconds"]["ml1m"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        print("== FAISS indexes ==", flush=True)
+        checkpoint = results["ml1m"][HEADLINE]["checkpoint"]
+        results["indexes"] = indexes(data["ml-1m"], checkpoint, work, args.catalog)
+        results["seconds"]["indexes"] = round(time.perf_counter() - t, 1)
+    else:
+        print(f"skipping ML-1M and indexes: {SHARED / 'movielens-1m-ultragcn'} not found")
+    if "ml-100k" in data:
+        t = time.perf_counter()
+        print("== ML-100K (leave-one-out), full ranking ==", flush=True)
+        results["ml100k"] = ml100k(data["ml-100k"], work, args.ml100k_epochs, args.mf_epochs)
+        results["seconds"]["ml100k"] = round(time.perf_counter() - t, 1)
+    results["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    if "ml1m" in results:
+        print("\nML-1M test (full ranking)         Recall@20  NDCG@20")
+        for name, r in PUBLISHED_ML1M.items():
+            print(f"  {name + ' (published)':<32}{r['recall@20']:>9.4f}{r['ndcg@20']:>9.4f}")
+        pop = results["ml1m"][HEADLINE]["popularity"]
+        print(f"  {'popularity':<32}{pop['recall@20']:>9.4f}{pop['ndcg@20']:>9.4f}")
+        for name, r in results["ml1m"].items():
+            label = f"two-tower {name}"
+            print(f"  {label:<32}{r['recall@20']:>9.4f}{r['ndcg@20']:>9.4f}   ({r['epochs']} epochs)")
+    print(f"\ntotal {results['seconds']['total']:.0f} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,604 @@
+"""Retrieval (two-tower) batches from a prepared dataset's ``interactions``, ``users``, ``items`` and
+``sequences`` tables.
+
+Three kinds of batch, each a TorchRec ``Pipelineable`` carrying one ``KeyedJaggedTensor`` with the
+keys of both towers (a sharded ``EmbeddingBagCollection`` needs every key in every input; keys
+that do not apply to a row are empty bags):
+
+* :class:`RetrievalBatch` (training): ``B`` interactions of the train split, i.e. ``B`` queries
+  (user id, user side features, the user's recent items) with their positive items, then ``N``
+  items drawn uniformly from the catalog (mixed negatives). Rows ``0..B-1`` carry a query and its
+  positive, rows ``B..B+N-1`` only a sampled item.
+* :class:`UserBatch` (evaluation): users with their held-out target items and the items they had
+  already seen (excluded from the ranking).
+* :class:`ItemBatch`: catalog items, to compute every item embedding.
+
+History (``history_mode="recent"``, the default): the items of the user strictly before the
+interaction, newest ``history_length`` kept, taken from ``sequences`` and restricted to the splits a
+stage may see (:data:`VISIBLE`), so no held-out item ever becomes a feature. For splits that are not
+temporal (a random hold-out per user, such as the LCF/UltraGCN files) "before" has no meaning at test
+time; ``history_mode="others"`` then uses the user's *other* visible items (never the interaction's
+own item), at most ``history_length`` of them drawn at random, the behaviour aggregation of
+YouTube DNN / SimpleX. The ``sequences`` rows must line up with the
+``interactions`` rows (what ``funnel data prepare`` and the synthetic generator write); that is
+checked on load. Index 0 of any field is unknown/padding and is never sent: an unknown id is an
+empty bag, which pools to zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from data.ctr import SparseFeature
+from data.loaders import GlobalBatches
+from data.shards import SPLIT_CODES, Jagged, PreparedDataset
+from data.splits import DEFAULT_FRACTIONS, make_split
+
+HISTORY = "history"  # KJT key of the recent-items bag
+SPLITS = ("dataset", "loo", "temporal", "random")
+HISTORY_MODES = ("recent", "others")
+# Splits whose interactions a stage may use as history features and must exclude from its ranking:
+# validation sees training only; test also sees validation (leave-one-out: the item before the test one).
+VISIBLE = {"train": ("train",), "val": ("train",), "test": ("train", "val")}
+_NEGATIVES_STREAM = 0x7E6
+_HISTORY_STREAM = 0x415
+
+BatchT = TypeVar("BatchT", bound="_TensorBatch")
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices ``starts[i] .. starts[i] + lengths[i]`` of every row, concatenated."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(shift, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _drop_unknown(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove index 0 (unknown/padding) from a bag column, fixing the lengths."""
+    values = np.asarray(values, dtype=np.int64)
+    keep = values > 0
+    if keep.all():
+        return values, np.asarray(lengths, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    return values[keep], np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
+
+
+def _tensor_fields(batch: _TensorBatch) -> dict[str, Any]:
+    values = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return {k: v for k, v in values.items() if isinstance(v, torch.Tensor | KeyedJaggedTensor)}
+
+
+@dataclass
+class _TensorBatch(Pipelineable):
+    """``Pipelineable`` over every tensor / KJT field (like ``torchrec.datasets.utils.Batch``)."""
+
+    def to(self: BatchT, device: torch.device, non_blocking: bool = False) -> BatchT:
+        moved = {k: v.to(device=device, non_blocking=non_blocking) for k, v in _tensor_fields(self).items()}
+        return dataclasses.replace(self, **moved)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for value in _tensor_fields(self).values():
+            value.record_stream(stream)
+
+    def pin_memory(self: BatchT) -> BatchT:
+        return dataclasses.replace(self, **{k: v.pin_memory() for k, v in _tensor_fields(self).items()})
+
+
+@dataclass
+class RetrievalBatch(_TensorBatch):
+    """Training rows: ``num_queries`` (user, positive item) pairs, then sampled items."""
+
+    features: KeyedJaggedTensor  # stride num_queries + num sampled items
+    user: torch.Tensor  # [rows] user index of each row, 0 for the sampled items
+    item: torch.Tensor  # [rows] candidate item index: the positives, then the sampled items
+    item_prob: torch.Tensor  # [rows] float: the candidate's share of training interactions
+    num_queries: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_queries
+
+
+@dataclass
+class UserBatch(_TensorBatch):
+    """Evaluation users: query features, target items and already-seen items (both jagged)."""
+
+    features: KeyedJaggedTensor
+    user: torch.Tensor  # [S]
+    target_values: torch.Tensor
+    target_offsets: torch.Tensor  # [S + 1]
+    seen_values: torch.Tensor
+    seen_offsets: torch.Tensor
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.user.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_queries
+
+    def target_mask(self, num_columns: int) -> torch.Tensor:
+        return _jagged_mask(self.target_values, self.target_offsets, num_columns)
+
+    def seen_mask(self, num_columns: int) -> torch.Tensor:
+        return _jagged_mask(self.seen_values, self.seen_offsets, num_columns)
+
+
+def _jagged_mask(values: torch.Tensor, offsets: torch.Tensor, num_columns: int) -> torch.Tensor:
+    rows = offsets.numel() - 1
+    mask = torch.zeros(rows, num_columns, dtype=torch.bool, device=values.device)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), offsets.diff())
+    mask[row_of, values] = True
+    return mask
+
+
+@dataclass
+class ItemBatch(_TensorBatch):
+    features: KeyedJaggedTensor
+    item: torch.Tensor  # [S]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_items
+
+
+@dataclass(frozen=True)
+class RetrievalSchema:
+    """Which dataset fields feed which tower."""
+
+    user_features: tuple[SparseFeature, ...]
+    item_features: tuple[SparseFeature, ...]
+    num_users: int  # real users: indices 1..num_users
+    num_items: int
+    history_length: int
+
+    @property
+    def query_keys(self) -> list[str]:
+        return [f.name for f in self.user_features] + ([HISTORY] if self.history_length else [])
+
+    @property
+    def item_keys(self) -> list[str]:
+        return [f.name for f in self.item_features]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.query_keys + self.item_keys
+
+    @classmethod
+    def from_dataset(
+        cls,
+        ds: PreparedDataset,
+        user_features: Sequence[str] | None = None,
+        item_features: Sequence[str] | None = None,
+        history_length: int = 20,
+    ) -> RetrievalSchema:
+        """Default features: the id plus every categorical column of the ``users``/``items`` table."""
+        if history_length < 0:
+            raise ValueError(f"model.history_length must be >= 0, got {history_length}")
+        user_vocab = int(ds.info("interactions", "user").vocab or 0)
+        item_vocab = int(ds.info("interactions", "item").vocab or 0)
+        if user_vocab < 2 or item_vocab < 2:
+            raise ValueError(f"{ds.path}: interactions.user/item have no vocabulary; not a prepared dataset?")
+        chosen = []
+        for entity, table, id_vocab, names in (
+            ("user", "users", user_vocab, user_features),
+            ("item", "items", item_vocab, item_features),
+        ):
+            known = {entity: SparseFeature(entity, id_vocab)}
+            if ds.has_table(table):
+                for name, info in ds.iter_columns(table):
+                    if info.vocab is not None:
+                        known[name] = SparseFeature(name, int(info.vocab), info.jagged)
+            if names is None:
+                picked = list(known.values())
+            else:
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise ValueError(
+                        f"model.{entity}_features: unknown feature(s) {unknown}; "
+                        f"{ds.path} has {sorted(known)}"
+                    )
+                picked = [known[n] for n in names]
+            chosen.append(tuple(picked))
+        if "item" not in [f.name for f in chosen[1]]:
+            raise ValueError(
+                "model.item_features must include 'item' (the item id is what the index returns)"
+            )
+        clash = {f.name for f in chosen[0]} & {f.name for f in chosen[1]} | (
+            {HISTORY} & {f.name for f in chosen[0] + chosen[1]}
+        )
+        if clash:
+            raise ValueError(
+                f"feature name(s) {sorted(clash)} used twice (user, item and {HISTORY!r} features)"
+            )
+        return cls(chosen[0], chosen[1], user_vocab - 1, item_vocab - 1, history_length)
+
+
+class _SideColumns:
+    """Per-entity feature lookups: the id itself, or a column of the ``users``/``items`` table."""
+
+    def __init__(
+        self, ds: PreparedDataset, table: str, entity: str, features: Sequence[SparseFeature]
+    ) -> None:
+        self.entity = entity
+        self.columns: dict[str, np.ndarray | Jagged | None] = {}
+        for f in features:
+            if f.name == entity:
+                self.columns[f.name] = None
+            elif f.multi_valued:
+                self.columns[f.name] = ds.jagged(table, f.name)
+            else:
+                self.columns[f.name] = ds.column(table, f.name)
+
+    def bags(self, name: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        col = self.columns[name]
+        if isinstance(col, Jagged):
+            values, lengths = col.take(index)
+        else:
+            values = index if col is None else np.asarray(col[index])
+            lengths = np.ones(len(index), dtype=np.int64)
+        return _drop_unknown(values, lengths)
+
+
+class _History:
+    """The history bag of interaction rows, from the rows a stage may see.
+
+    ``visible`` marks those rows; ``compact`` is their items in row order and ``cum[j]`` how many
+    visible rows precede row ``j``, so a user's visible items are one slice of ``compact``.
+    """
+
+    def __init__(
+        self,
+        items: np.ndarray,
+        seq_offsets: np.ndarray,
+        visible: np.ndarray,
+        length: int,
+        mode: str,
+        seed: int,
+    ) -> None:
+        if mode not in HISTORY_MODES:
+            raise ValueError(f"model.history_mode {mode!r}: choose one of {HISTORY_MODES}")
+        self.visible = visible
+        self.compact = np.asarray(items, dtype=np.int64)[visible]
+        self.cum = np.concatenate([[0], np.cumsum(visible, dtype=np.int64)])
+        self.seq_offsets = seq_offsets
+        self.length = length
+        self.mode = mode
+        self.seed = seed
+
+    def of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, lengths)`` of the bags of interaction ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        seq = np.searchsorted(self.seq_offsets, rows, side="right") - 1
+        first = self.cum[self.seq_offsets[seq]]
+        if self.mode == "recent":
+            hi = self.cum[rows]
+            lo = np.maximum(first, hi - self.length)
+            return _drop_unknown(self.compact[_ranges(lo, hi - lo)], hi - lo)
+        # others: the user's visible items except this row's own, sampled (with replacement: an
+        # unbiased bag mean) when there are more than `length`; keyed by the rows, so reproducible
+        own = np.where(self.visible[rows], self.cum[rows], -1)
+        others = self.cum[self.seq_offsets[seq + 1]] - first - (own >= 0)
+        small = others <= self.length
+        lengths = np.where(small, others, self.length)
+        rng = np.random.default_rng([self.seed, _HISTORY_STREAM, zlib.crc32(rows.tobytes())])
+        k = _ranges(np.zeros(len(rows), dtype=np.int64), lengths)  # 0..length-1 per row
+        big = np.repeat(~small, lengths)
+        k[big] = (rng.random(int(big.sum())) * np.repeat(others, lengths)[big]).astype(np.int64)
+        pos = np.repeat(first, lengths) + k
+        owner = np.repeat(own, lengths)
+        pos += (owner >= 0) & (pos >= owner)  # skip the row's own item
+        return _drop_unknown(self.compact[pos], lengths)
+
+
+@dataclass
+class EvalUsers:
+    """The users of one evaluation split, with jagged targets / seen items (sorted item indices)."""
+
+    users: np.ndarray  # [U]
+    first_rows: np.ndarray  # [U] the user's first interaction row in the split (history cut-off)
+    targets: Jagged  # held-out items not seen before
+    seen: Jagged  # items of the visible splits (excluded from the ranking)
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Two-tower batches of a prepared dataset, sharded across ranks with :class:`GlobalBatches`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int = 1024,
+        eval_batch_size: int = 4096,
+        seed: int = 0,
+        *,
+        user_features: Sequence[str] | None = None,
+        item_features: Sequence[str] | None = None,
+        history_length: int = 20,
+        history_mode: str = "recent",
+        num_negatives: int = 0,
+        split: str = "dataset",
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    ) -> None:
+        super().__init__()
+        if num_negatives < 0:
+            raise ValueError(f"model.loss.num_negatives must be >= 0, got {num_negatives}")
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_negatives = num_negatives
+        if history_mode not in HISTORY_MODES:
+            raise ValueError(f"model.history_mode {history_mode!r}: choose one of {HISTORY_MODES}")
+        self.history_mode = history_mode
+        self.dataset = ds = PreparedDataset(self.path)
+        self.schema = RetrievalSchema.from_dataset(ds, user_features, item_features, history_length)
+        self.inter_user = np.asarray(ds.column("interactions", "user"), dtype=np.int64)
+        self.inter_item = np.asarray(ds.column("interactions", "item"), dtype=np.int64)
+        self.seq_offsets = self._check_sequences()
+        self.codes = self._split_codes(split, fractions)
+        train_items = self.inter_item[self.codes == SPLIT_CODES["train"]]
+        if len(train_items) == 0:
+            raise ValueError(f"{self.path}: the {split!r} split leaves no training interactions")
+        # popularity = training counts: the logQ correction's sampling frequencies and the baseline
+        self.item_counts = np.bincount(train_items, minlength=self.schema.num_items + 1).astype(np.int64)
+        self.item_prob = (self.item_counts / self.item_counts.sum()).astype(np.float32)
+        self._users = _SideColumns(ds, "users", "user", self.schema.user_features)
+        self._items = _SideColumns(ds, "items", "item", self.schema.item_features)
+        self._histories: dict[tuple[str, ...], _History] = {}
+        self._eval_users: dict[str, EvalUsers | None] = {}
+        self._loaders: dict[str, GlobalBatches[Any]] = {}
+
+    # -- dataset layout -------------------------------------------------------------------------
+    def _check_sequences(self) -> np.ndarray:
+        seq = self.dataset.jagged("sequences", "items")
+        seq_user = np.asarray(self.dataset.column("sequences", "user"))
+        offsets = np.asarray(seq.offsets, dtype=np.int64)
+        lengths = np.diff(offsets)
+        aligned = (
+            len(seq.values) == len(self.inter_item)
+            and np.array_equal(np.repeat(seq_user, lengths), self.inter_user)
+            and np.array_equal(np.asarray(seq.values), self.inter_item)
+        )
+        if not aligned:
+            raise ValueError(
+                f"{self.path}: sequences.items does not line up with the interactions rows (user, then time "
+                "order); re-prepare the dataset with `funnel data prepare`"
+            )
+        return offsets
+
+    def _split_codes(self, split: str, fractions: Sequence[float]) -> np.ndarray:
+        if split == "dataset":
+            return np.asarray(self.dataset.column("interactions", "split"), dtype=np.uint8)
+        if split not in SPLITS:
+            raise ValueError(f"model.split {split!r}: choose one of {SPLITS}")
+        if "timestamp" in self.dataset.tables["interactions"].columns:
+            ts = np.asarray(self.dataset.column("interactions", "timestamp"))
+        elif split == "temporal":
+            raise ValueError(f"model.split temporal: {self.path} has no interactions.timestamp")
+        else:
+            ts = np.arange(len(self.inter_user))  # rows are already in time order per user
+        return make_split(split, self.inter_user, ts, fractions=fractions, seed=self.seed)
+
+    def _history(self, stage: str) -> _History:
+        visible = VISIBLE[stage]
+        if visible not in self._histories:
+            mask = np.isin(self.codes, [SPLIT_CODES[s] for s in visible])
+            self._histories[visible] = _History(
+                self.inter_item,
+                self.seq_offsets,
+                mask,
+                self.schema.history_length,
+                self.history_mode,
+                self.seed,
+            )
+        return self._histories[visible]
+
+    def eval_users(self, stage: str) -> EvalUsers | None:
+        """Users with at least one ``stage`` target not seen in the visible splits (None if none)."""
+        if stage not in self._eval_users:
+            self._eval_users[stage] = self._make_eval_users(stage)
+        return self._eval_users[stage]
+
+    def _make_eval_users(self, stage: str) -> EvalUsers | None:
+        width = self.schema.num_items + 1
+        rows = np.flatnonzero(self.codes == SPLIT_CODES[stage])
+        if len(rows) == 0:
+            return None
+        users, first = np.unique(self.inter_user[rows], return_index=True)
+        first_rows = rows[first]  # rows of a user are in time order: the first is the earliest
+        visible = np.isin(self.codes, [SPLIT_CODES[s] for s in VISIBLE[stage]])
+        seen_keys = np.unique(self.inter_user[visible] * width + self.inter_item[visible])
+        target_keys = np.unique(self.inter_user[rows] * width + self.inter_item[rows])
+        # a re-consumed item was seen, so it is excluded from the ranking and cannot be a target
+        target_keys = np.setdiff1d(target_keys, seen_keys, assume_unique=True)
+        keep = np.isin(users, target_keys // width)
+        users, first_rows = users[keep], first_rows[keep]
+        if len(users) == 0:
+            return None
+
+        def jagged(keys: np.ndarray) -> Jagged:
+            owner = keys // width
+            lo = np.searchsorted(owner, users, side="left")
+            hi = np.searchsorted(owner, users, side="right")
+            values = (keys % width)[_ranges(lo, hi - lo)]
+            return Jagged(values, np.concatenate([[0], np.cumsum(hi - lo)]))
+
+        return EvalUsers(users, first_rows, jagged(target_keys), jagged(seen_keys))
+
+    # -- batches --------------------------------------------------------------------------------
+    def _kjt(self, bags: dict[str, tuple[np.ndarray, np.ndarray]], stride: int) -> KeyedJaggedTensor:
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(stride, dtype=np.int64))
+        keys = self.schema.keys
+        parts = [bags.get(k, empty) for k in keys]
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.concatenate([v for v, _ in parts]).astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(np.concatenate([ln for _, ln in parts]).astype(np.int32)),
+        )
+
+    def _query_bags(
+        self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray], pad: int = 0
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """User-tower bags of ``users`` followed by ``pad`` rows without a query."""
+        bags = {f.name: self._users.bags(f.name, users) for f in self.schema.user_features}
+        if self.schema.history_length:
+            bags[HISTORY] = history
+        tail = np.zeros(pad, dtype=np.int64)
+        return {k: (v, np.concatenate([ln, tail])) for k, (v, ln) in bags.items()}
+
+    def _item_bags(self, items: np.ndarray, lead: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Item-tower bags of ``items`` after ``lead`` rows without an item."""
+        head = np.zeros(lead, dtype=np.int64)
+        out = {}
+        for f in self.schema.item_features:
+            v, ln = self._items.bags(f.name, items)
+            out[f.name] = (v, np.concatenate([head, ln]))
+        return out
+
+    def negatives_per_rank(self, world_size: int) -> int:
+        if self.num_negatives % world_size:
+            raise ValueError(
+                f"model.loss.num_negatives {self.num_negatives} must be divisible by the world size "
+                f"{world_size}"
+            )
+        return self.num_negatives // world_size
+
+    def train_batch(self, rows: np.ndarray, num_negatives: int = 0) -> RetrievalBatch:
+        """Interaction ``rows`` of the train split plus ``num_negatives`` uniformly drawn items.
+
+        The draw is keyed by the rows themselves, so the same batch (a re-run, a resumed job)
+        always gets the same sampled items.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        users, items = self.inter_user[rows], self.inter_item[rows]
+        rng = np.random.default_rng([self.seed, _NEGATIVES_STREAM, zlib.crc32(rows.tobytes())])
+        negatives = rng.integers(1, self.schema.num_items + 1, size=num_negatives, dtype=np.int64)
+        candidates = np.concatenate([items, negatives])
+        bags = self._query_bags(users, self._history("train").of(rows), pad=num_negatives)
+        bags.update(self._item_bags(candidates))
+        return RetrievalBatch(
+            features=self._kjt(bags, len(candidates)),
+            user=torch.from_numpy(np.concatenate([users, np.zeros(num_negatives, dtype=np.int64)])),
+            item=torch.from_numpy(candidates),
+            item_prob=torch.from_numpy(self.item_prob[candidates]),
+            num_queries=len(rows),
+        )
+
+    def user_batch(self, stage: str, index: np.ndarray) -> UserBatch:
+        """Rows ``index`` of :meth:`eval_users` of ``stage``."""
+        ev = self.eval_users(stage)
+        assert ev is not None
+        users = ev.users[index]
+        bags = self._query_bags(users, self._history(stage).of(ev.first_rows[index]))
+        tv, tl = ev.targets.take(index)
+        sv, sl = ev.seen.take(index)
+
+        def offsets(lengths: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+        return UserBatch(
+            features=self._kjt(bags, len(users)),
+            user=torch.from_numpy(users.astype(np.int64)),
+            target_values=torch.from_numpy(tv.astype(np.int64)),
+            target_offsets=offsets(tl),
+            seen_values=torch.from_numpy(sv.astype(np.int64)),
+            seen_offsets=offsets(sl),
+        )
+
+    def item_batch(self, items: np.ndarray) -> ItemBatch:
+        items = np.asarray(items, dtype=np.int64)
+        return ItemBatch(features=self._kjt(self._item_bags(items), len(items)), item=torch.from_numpy(items))
+
+    # -- plain query inputs (export, serving parity) ---------------------------------------------
+    def query_arrays(self, stage: str, index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``user [U]``, ``user_features [U, F]`` and 0-padded ``history [U, L]`` of eval users.
+
+        The exported query encoder's input layout; single-valued user features only.
+        """
+        ev = self.eval_users(stage)
+        if ev is None:
+            raise ValueError(f"{self.path}: no {stage} users")
+        index = np.arange(len(ev.users)) if index is None else np.asarray(index)
+        users = ev.users[index]
+        cols = []
+        for f in self.schema.user_features:
+            if f.multi_valued:
+                raise ValueError(f"user feature {f.name!r} is multi-valued; plain query inputs take one id")
+            col = self._users.columns[f.name]
+            cols.append(users if col is None else np.asarray(col[users], dtype=np.int64))
+        length = max(self.schema.history_length, 1)
+        history = np.zeros((len(users), length), dtype=np.int64)
+        if self.schema.history_length:
+            values, lengths = self._history(stage).of(ev.first_rows[index])
+            row = np.repeat(np.arange(len(users)), lengths)
+            col_pos = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            history[row, col_pos] = values
+        return {
+            "user": users.astype(np.int64),
+            "user_features": np.stack(cols, axis=1) if cols else np.zeros((len(users), 0), dtype=np.int64),
+            "history": history,
+        }
+
+    # -- Lightning --------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def loader(self, stage: str) -> GlobalBatches[Any]:
+        """``train``, ``val``/``test`` (eval users) or ``items`` (the whole catalog)."""
+        if stage not in self._loaders:
+            rank, world = self._rank_world()
+            common = {"rank": rank, "world_size": world, "seed": self.seed}
+            if stage == "train":
+                negatives = self.negatives_per_rank(world)
+                rows = np.flatnonzero(self.codes == SPLIT_CODES["train"])
+                self._loaders[stage] = GlobalBatches(
+                    rows, self.batch_size, lambda r: self.train_batch(r, negatives),
+                    shuffle=True, drop_last=True, **common,
+                )  # fmt: skip
+            elif stage == "items":
+                items = np.arange(1, self.schema.num_items + 1)
+                self._loaders[stage] = GlobalBatches(items, self.eval_batch_size, self.item_batch, **common)
+            elif stage in ("val", "test"):
+                ev = self.eval_users(stage)
+                if ev is None:
+                    raise ValueError(f"{self.path}: no {stage} users to evaluate")
+                self._loaders[stage] = GlobalBatches(
+                    np.arange(len(ev.users)), self.eval_batch_size,
+                    lambda idx, s=stage: self.user_batch(s, idx), **common,
+                )  # fmt: skip
+            else:
+                raise ValueError(f"unknown stage {stage!r}")
+        return self._loaders[stage]
+
+    def train_dataloader(self) -> GlobalBatches[RetrievalBatch]:
+        return self.loader("train")
+
+    def val_dataloader(self) -> GlobalBatches[UserBatch] | list[Any]:
+        # a dataset without a validation split (e.g. the LCF train/test files) skips validation
+        return self.loader("val") if self.eval_users("val") is not None else []
+
+    def test_dataloader(self) -> GlobalBatches[UserBatch]:
+        return self.loader("test")

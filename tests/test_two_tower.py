@@ -1,0 +1,406 @@
+"""Two-tower retrieval: the loss by hand, leakage-free history, cross-rank negatives on real ranks,
+a 2-rank sharded training run that beats popularity, distributed-correct evaluation, and the export.
+
+One small synthetic world (1,500 users, 1,000 items) is trained once on 2 gloo ranks through
+`python -m trainer --config configs/two_tower_synthetic.yaml` and shared by the slow tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.retrieval import HISTORY, RetrievalDataModule, UserBatch
+from data.shards import SPLIT_CODES, PreparedDataset
+from data.synthetic import PRESETS, generate
+from launch.cli import main as funnel
+from models.two_tower import TwoTower
+from serving.bundle import verify
+from trainer.checkpoint import save_unsharded
+from trainer.config import load_config
+from trainer.retrieval import (
+    RetrievalLossConfig,
+    build_two_tower,
+    mixture_log_q,
+    retrieval_loss,
+    sampled_softmax_loss,
+    unsharded_model,
+)
+from trainer.sharding import ConfigError
+from trainer.topk_metrics import TopKAccumulator, mask_scores, metric_names, topk_metrics_from_scores
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "two_tower_synthetic.yaml"
+KS = (10, 20, 50, 100)
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def test_in_batch_loss_matches_hand_computation() -> None:
+    """3 queries, 3 in-batch positives + 1 uniform sample, logQ, and both kinds of accidental hit."""
+    t = 0.5
+    q = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    cands = [[0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]  # positives of q0, q1, q2; then a sample
+    items = [5, 7, 9, 5]  # the sample drew item 5, query 0's positive
+    users = [1, 2, 1, 0]  # queries 0 and 2 belong to user 1
+    prob = [0.5, 0.25, 0.25, 0.5]  # training share of each candidate's item
+    b, n, num_items = 3, 1, 10
+    log_q = [math.log(b * p + n / num_items) for p in prob]  # expected copies of the item in the pool
+
+    def ce(row: int, label: int, allowed: list[int]) -> float:
+        logit = {j: sum(x * y for x, y in zip(q[row], cands[j], strict=True)) / t - log_q[j] for j in allowed}
+        return -logit[label] + math.log(sum(math.exp(v) for v in logit.values()))
+
+    expected = (
+        ce(0, 0, [0, 1])  # column 2: same user; column 3: the same item as the positive
+        + ce(1, 1, [0, 1, 2, 3])
+        + ce(2, 2, [1, 2, 3])  # column 0: same user
+    ) / 3
+    tensor = torch.tensor
+    got = sampled_softmax_loss(
+        tensor(q), tensor(cands), torch.arange(3), temperature=t,
+        log_q=mixture_log_q(tensor(prob), b, n, num_items),
+        candidate_items=tensor(items), candidate_users=tensor(users),
+    )  # fmt: skip
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+    # the same through the training entry point (positives first, then the sample)
+    via_training = retrieval_loss(
+        tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
+        cfg=RetrievalLossConfig(num_negatives=n), temperature=t, num_items=num_items,
+    )  # fmt: skip
+    assert via_training.item() == pytest.approx(expected, rel=1e-6)
+    plain = retrieval_loss(
+        tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
+        cfg=RetrievalLossConfig(logq_correction=False, remove_accidental_hits=False), temperature=t,
+        num_items=num_items,
+    )  # fmt: skip
+    no_correction = sum(ce_plain for ce_plain in [
+        -1.6 + math.log(math.exp(1.6) + 1 + math.exp(1.2) + math.exp(2)),
+        -2 + math.log(math.exp(1.2) + math.exp(2) + math.exp(1.6) + 1),
+        -2 + math.log(math.exp(1.92) + math.exp(1.6) + math.exp(2) + math.exp(1.2)),
+    ]) / 3  # fmt: skip
+    assert plain.item() == pytest.approx(no_correction, rel=1e-6)
+
+
+CROSS_RANK_SCRIPT = r"""
+import dataclasses, json, sys
+import torch, torch.distributed as dist
+import torch.nn.functional as F
+from trainer.retrieval import RetrievalLossConfig, retrieval_loss
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+B, N, D, I = 8, 6, 4, 20  # global batch, global uniform samples, dim, catalog
+query = F.normalize(torch.randn(B, D, generator=g), dim=1)
+pos = F.normalize(torch.randn(B, D, generator=g), dim=1)
+neg = F.normalize(torch.randn(N, D, generator=g), dim=1)
+pos_ids = torch.tensor([3, 4, 5, 6, 7, 3, 8, 9])  # item 3 is a positive on both ranks
+users = torch.tensor([1, 2, 3, 4, 2, 5, 6, 7])  # user 2 has a positive on each rank
+neg_ids = torch.tensor([6, 11, 12, 13, 14, 4])  # samples that hit positives of the other rank
+prob = torch.rand(I + 1, generator=g)
+prob = prob / prob.sum()
+base = RetrievalLossConfig(num_negatives=N)
+
+def loss_of(q, p, n, pi, ni, pu, gather):
+    items, ids = torch.cat([p, n]), torch.cat([pi, ni])
+    cand_users = torch.cat([pu, torch.zeros(len(ni), dtype=torch.int64)])
+    cfg = dataclasses.replace(base, cross_rank_negatives=gather)
+    return retrieval_loss(q, items, ids, cand_users, prob[ids], cfg=cfg, temperature=0.1, num_items=I)
+
+ref_leaves = [t.clone().requires_grad_() for t in (query, pos, neg)]
+ref = loss_of(*ref_leaves, pos_ids, neg_ids, users, gather=False)  # one rank, whole batch
+ref.backward()
+b, n = B // world, N // world
+sb, sn = slice(rank * b, (rank + 1) * b), slice(rank * n, (rank + 1) * n)
+mine = [t.clone().requires_grad_() for t in (query[sb], pos[sb], neg[sn])]
+loss = loss_of(*mine, pos_ids[sb], neg_ids[sn], users[sb], gather=True)
+loss.backward()
+mean = loss.detach().clone()
+dist.all_reduce(mean)
+# DDP averages gradients over ranks, so grad / world is this rank's share of the global gradient
+errors = [(m.grad / world - r.grad[s]).abs().max().item() for m, r, s in zip(mine, ref_leaves, [sb, sb, sn])]
+local = loss_of(*[t.detach() for t in mine], pos_ids[sb], neg_ids[sn], users[sb], gather=False)
+local_mean = local.clone()
+dist.all_reduce(local_mean)
+if rank == 0:
+    result = {"two_ranks": mean.item() / world, "one_rank": ref.item(), "grad_errors": errors,
+              "without_gather": local_mean.item() / world}
+    print("RESULT " + json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_cross_rank_negatives_equal_one_rank_with_the_concatenated_batch(tmp_path: Path) -> None:
+    script = tmp_path / "cross_rank.py"
+    script.write_text(CROSS_RANK_SCRIPT)
+    proc = torchrun(2, [str(script)], timeout=300)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    r = json.loads(line[len("RESULT ") :])
+    assert r["two_ranks"] == pytest.approx(r["one_rank"], abs=1e-6)
+    assert max(r["grad_errors"]) < 1e-6, r["grad_errors"]
+    # without the gather each rank sees half the pool: a different (easier) loss
+    assert abs(r["without_gather"] - r["one_rank"]) > 1e-3
+
+
+# -- data ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = dataclasses.replace(
+        PRESETS["tiny"], name="two-tower-test", num_users=1500, num_items=1000, num_interactions=45_000,
+        ctr_rows=1000,
+    )  # fmt: skip
+    return generate(cfg, tmp_path_factory.mktemp("data") / "world")
+
+
+@pytest.mark.parametrize("split", ["dataset", "temporal", "random"])
+def test_history_is_strictly_earlier_visible_items_and_targets_exclude_seen(world: Path, split: str) -> None:
+    # leave-one-out (as stored), a global time cut, and a random split (which puts held-out events
+    # between training ones: the history must skip them)
+    dm = RetrievalDataModule(world, history_length=4, split=split)
+    user, item, codes = dm.inter_user, dm.inter_item, dm.codes
+    rng = np.random.default_rng(0)
+    train_rows = rng.choice(np.flatnonzero(codes == SPLIT_CODES["train"]), 200, replace=False)
+    batch = dm.train_batch(train_rows, num_negatives=5)
+    history = batch.features.to_dict()[HISTORY]
+    for k, row in enumerate(train_rows):
+        earlier = [item[j] for j in range(row) if user[j] == user[row] and codes[j] == SPLIT_CODES["train"]]
+        assert history.values()[history.offsets()[k] : history.offsets()[k + 1]].tolist() == earlier[-4:]
+    assert batch.features.stride() == 205 and batch.num_queries == 200
+    assert batch.user[200:].eq(0).all() and batch.item[:200].tolist() == item[train_rows].tolist()
+    for stage, visible in (("val", {0}), ("test", {0, 1})):
+        ev = dm.eval_users(stage)
+        assert ev is not None
+        arrays = dm.query_arrays(stage, np.arange(50))
+        for k in range(50):
+            u = ev.users[k]
+            rows = np.flatnonzero(user == u)
+            first = rows[codes[rows] == SPLIT_CODES[stage]][0]
+            seen = {item[j] for j in rows if codes[j] in visible}
+            held_out = {item[j] for j in rows if codes[j] == SPLIT_CODES[stage]}
+            assert set(ev.seen.row(k).tolist()) == seen
+            assert set(ev.targets.row(k).tolist()) == held_out - seen
+            earlier = [item[j] for j in rows if j < first and codes[j] in visible][-4:]
+            assert [i for i in arrays["history"][k] if i] == earlier
+    ub = dm.user_batch("test", np.arange(3))
+    assert isinstance(ub, UserBatch) and ub.to(torch.device("cpu")).user.tolist() == ub.user.tolist()
+    assert ub.target_mask(dm.schema.num_items + 1).sum().item() == len(ub.target_values)
+
+
+def test_others_history_never_holds_the_interactions_own_item(world: Path) -> None:
+    """history_mode=others (non-temporal splits): the user's other visible items, sampled above 6."""
+    dm = RetrievalDataModule(world, history_length=6, history_mode="others", split="random")
+    user, item, codes = dm.inter_user, dm.inter_item, dm.codes
+    rows = np.random.default_rng(1).choice(np.flatnonzero(codes == SPLIT_CODES["train"]), 300, replace=False)
+    history = dm.train_batch(rows).features.to_dict()[HISTORY]
+    sampled = 0
+    for k, row in enumerate(rows):
+        others = [
+            j for j in np.flatnonzero(user == user[row]) if j != row and codes[j] == SPLIT_CODES["train"]
+        ]
+        bag = history.values()[history.offsets()[k] : history.offsets()[k + 1]].tolist()
+        if len(others) <= 6:
+            assert sorted(bag) == sorted(item[others].tolist())
+        else:
+            sampled += 1
+            assert len(bag) == 6 and set(bag) <= set(item[others].tolist())
+    assert sampled > 50
+    again = dm.train_batch(rows).features.to_dict()[HISTORY]
+    assert again.values().tolist() == history.values().tolist()  # keyed by the rows: reproducible
+    ev = dm.eval_users("test")
+    assert ev is not None
+    arrays = dm.query_arrays("test", np.arange(20))
+    for k in range(20):
+        mine = np.flatnonzero(user == ev.users[k])
+        visible = set(item[mine[np.isin(codes[mine], [0, 1])]].tolist())
+        assert {i for i in arrays["history"][k] if i} <= visible
+
+
+def test_config_errors_name_the_field(world: Path) -> None:
+    def build(*overrides: str) -> None:
+        build_two_tower(load_config(CONFIG, [f"data.path={world}", *overrides]))
+
+    with pytest.raises(ConfigError, match=r"model\.user_features: unknown feature\(s\) \['zip'\]"):
+        build("model.user_features=[user, zip]")
+    with pytest.raises(ConfigError, match="model.item_features must include 'item'"):
+        build("model.item_features=[category]")
+    with pytest.raises(ConfigError, match="model.split 'weekly'"):
+        build("model.split=weekly")
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'embeding_dim'"):
+        build("model.embeding_dim=8")
+    with pytest.raises(ConfigError, match="model.eval: unknown key"):
+        build("model.eval={k: [10]}")
+    with pytest.raises(ConfigError, match="model.history_mode 'all'"):
+        build("model.history_mode=all")
+    with pytest.raises(ConfigError, match="data.path: .*not a prepared dataset"):
+        build_two_tower(load_config(CONFIG, [f"data.path={world.parent / 'missing'}"]))
+
+
+# -- the sharded run -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 gloo ranks, user and item tables row-wise: the shipped config on the test world."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    torchrun(2, ["-m", "trainer", "--config", str(CONFIG), *_overrides(world, run)], timeout=600)
+    return run
+
+
+def _overrides(world: Path, run: Path) -> list[str]:
+    sets = [
+        f"data.path={world}", f"run_dir={run}", "data.batch_size=512", "model.loss.num_negatives=256",
+        "model.history_length=10", "trainer.max_epochs=3", "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def _truth_ceiling(world: Path, dm: RetrievalDataModule, k: int) -> float:
+    """Recall@k of ranking by the generator's true long-run preferences (its top 50 per user)."""
+    ds = PreparedDataset(world)
+    top, scores = ds.jagged("truth", "top_items"), ds.jagged("truth", "top_scores")
+    ev = dm.eval_users("test")
+    assert ev is not None
+    batch = dm.user_batch("test", np.arange(len(ev.users)))
+    width = dm.schema.num_items + 1
+    truth = torch.full((len(ev.users), width), -1e9)
+    for i, u in enumerate(ev.users):
+        truth[i, torch.from_numpy(top.row(u).astype(np.int64))] = torch.from_numpy(
+            scores.row(u).astype(np.float32)
+        )
+    seen = batch.seen_mask(width)
+    seen[:, 0] = True
+    acc = TopKAccumulator(metric_names((k,)))
+    acc.update(topk_metrics_from_scores(mask_scores(truth, seen), batch.target_mask(width), (k,)))
+    return acc.compute()[f"recall@{k}"]
+
+
+@pytest.mark.slow
+def test_two_rank_row_wise_training_beats_popularity(trained: Path, world: Path) -> None:
+    summary = json.loads((trained / "summary.json").read_text())
+    plan = {row["table"]: row for row in summary["plan"]}
+    for table in ("user", "item"):
+        assert plan[table]["sharding_type"] == "row_wise" and plan[table]["ranks"] == [0, 1]
+    assert summary["world_size"] == 2 and all(b > 0 for b in summary["embedding_bytes_per_rank"])
+    rows = list(csv.DictReader((trained / "logs" / "version_0" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+    m = summary["metrics"]
+    dm = RetrievalDataModule(world)
+    ceiling = _truth_ceiling(world, dm, 20)
+    model, pop = m["test/recall@20"], m["test/pop_recall@20"]
+    assert m["test/users"] == len(dm.eval_users("test").users)  # type: ignore[union-attr]
+    # the world's own preferences bound what is learnable; a clear share of their lift over popularity
+    assert ceiling > pop + 0.05
+    assert model - pop >= 0.35 * (ceiling - pop), (
+        f"recall@20 {model:.4f}, popularity {pop:.4f}, truth {ceiling:.4f}"
+    )
+    for k in KS:
+        assert m[f"test/ndcg@{k}"] > m[f"test/pop_ndcg@{k}"]
+        assert 0 < m[f"test/recall@{k}"] <= m[f"test/hr@{k}"] + 1e-9  # one target per user here: equal
+    assert m["val/recall@20"] > m["val/pop_recall@20"]
+
+
+def _model_and_data(world: Path, trained: Path) -> tuple[TwoTower, RetrievalDataModule]:
+    module, dm = build_two_tower(load_config(CONFIG, _overrides(world, trained)[1::2]))
+    return unsharded_model(module.config, trained / "checkpoints" / "final.ckpt"), dm
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_single_process_ranking(trained: Path, world: Path) -> None:
+    """Item slices from 2 sharded ranks + per-rank users == one process ranking everything."""
+    model, dm = _model_and_data(world, trained)
+    width = dm.schema.num_items + 1
+    with torch.no_grad():
+        items = dm.item_batch(np.arange(1, width))
+        table = torch.cat([torch.zeros(1, model.config.output_dim), model(items.features, 0, width - 1)[1]])
+        ev = dm.eval_users("test")
+        assert ev is not None
+        batch = dm.user_batch("test", np.arange(len(ev.users)))
+        users = model(batch.features, batch.num_queries, 0)[0]
+    seen = batch.seen_mask(width)
+    seen[:, 0] = True
+    acc = TopKAccumulator(metric_names(KS))
+    acc.update(topk_metrics_from_scores(mask_scores(users @ table.T, seen), batch.target_mask(width), KS))
+    ref = acc.compute()
+    logged = json.loads((trained / "summary.json").read_text())["metrics"]
+    for name in ("recall@10", "recall@100", "ndcg@20", "hr@50", "mrr"):
+        assert logged[f"test/{name}"] == pytest.approx(ref[name], abs=1e-4), name
+
+
+@pytest.mark.slow
+def test_export_encoder_index_and_overwrite_guard(trained: Path, world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "retrieval"
+    sets = [arg for s in _overrides(world, trained)[1::2] for arg in ("--set", s)]
+    args = ["export", "retrieval", "--checkpoint", str(trained / "checkpoints" / "final.ckpt"),
+            "--config", str(CONFIG), "--out", str(out), "--index", "flat", *sets]  # fmt: skip
+    assert funnel(args) == 0
+    manifest = verify(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert manifest["kind"] == "retrieval" and meta["model_type"] == "two_tower"
+    assert meta["item_count"] == 1000 and meta["normalised"] and meta["ann"]["recall@100"] == 1.0
+
+    # encoder.pt2 on plain tensors == the trained TorchRec user tower, at any batch size
+    model, dm = _model_and_data(world, trained)
+    encoder = torch.export.load(out / "encoder.pt2").module()
+    ev = dm.eval_users("test")
+    assert ev is not None
+    for index in (np.arange(1), np.arange(7), np.arange(300)):
+        arrays = dm.query_arrays("test", index)
+        got = encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"]))
+        with torch.no_grad():
+            batch = dm.user_batch("test", index)
+            want = model(batch.features, batch.num_queries, 0)[0]
+        assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
+    # a longer, partly padded history gives the same embedding (padding contributes nothing)
+    arrays = dm.query_arrays("test", np.arange(5))
+    padded = np.concatenate([arrays["history"], np.zeros((5, 6), dtype=np.int64)], axis=1)
+    a = encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"]))
+    b = encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(padded))
+    assert (a - b).abs().max().item() < 1e-6
+    # id maps turn raw ids into the encoder's indices
+    raw_user = meta["id_maps"]["user"]["raw_ids"][int(arrays["user"][0]) - 1]
+    assert meta["id_maps"]["user"]["raw_ids"].index(raw_user) + 1 == arrays["user"][0]
+
+    # the flat index returns the items the model ranks highest (raw ids through ids.npy)
+    import faiss
+
+    index = faiss.read_index(str(out / "index.faiss"))
+    ids = np.load(out / "ids.npy")
+    _, rows = index.search(a.detach().numpy(), 10)
+    items = torch.from_numpy(np.load(out / "item_embeddings.npy"))
+    best = torch.topk(a.detach() @ items.T, 10).indices.numpy()
+    assert (ids[rows] == ids[best]).mean() > 0.95
+    assert set(ids[rows].ravel()) <= set(PreparedDataset(world).idmap("item").tolist())
+
+    # another model's export must not silently replace this index
+    other = tmp_path / "other.ckpt"
+    save_unsharded(TwoTower(model.config), other)
+    args_other = [a if a != str(trained / "checkpoints" / "final.ckpt") else str(other) for a in args]
+    before = (out / "index.faiss").read_bytes()
+    assert funnel(args_other) == 1
+    assert (out / "index.faiss").read_bytes() == before
+    assert funnel([*args_other, "--overwrite"]) == 0
+    assert json.loads((out / "meta.json").read_text())["model_fingerprint"] != meta["model_fingerprint"]

@@ -1,0 +1,535 @@
+"""Two-tower retrieval as a sharded LightningModule: sampled-softmax losses, full-ranking evaluation,
+the ``two_tower`` recipe and the FAISS export.
+
+Loss (:func:`sampled_softmax_loss`, a pure function): every query is scored against a candidate
+pool of the batch's positive items (in-batch negatives, Yi et al., RecSys 2019), optionally
+``N`` items drawn uniformly from the catalog (mixed negatives, Yang et al., WWW 2020) and, across
+ranks, the other ranks' candidates (all-gathered *with* gradient, so the pool is the global batch
+and every rank's item tower learns from every rank's queries).
+
+* logQ correction: the pool is a sample, not the catalog, so popular items are over-represented
+  as negatives. Each candidate's logit is reduced by ``log Q(j)``, the log of the expected number
+  of copies of item ``j`` in the pool: ``Q(j) = B * p(j) + N / I`` for a pool of ``B`` in-batch
+  positives (each item ``j`` with probability ``p(j)``, its share of the training interactions)
+  and ``N`` uniform draws from ``I`` items (:func:`mixture_log_q`). The same correction applies to
+  every copy of ``j``, whichever source it came from: the pool as a whole is a sample from that
+  mixture. With ``N = 0`` it is Yi et al.'s ``log p(j)`` up to a constant, which cancels in the
+  softmax.
+* Accidental hits: a candidate that is another positive of the query's user (the same item id,
+  or any item of the same user in the batch) is removed from that query's softmax instead of
+  being pushed away.
+
+Evaluation: every rank computes the embeddings of a slice of the catalog through the sharded
+item tower (all ranks together, since the tables are sharded), the slices are all-gathered, and
+each rank ranks all items for its own users; :class:`trainer.topk_metrics.TopKAccumulator`
+all-reduces the sums. Items the user saw in the visible splits are excluded. The popularity
+ranking (training counts) is scored on the same users in the same pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.nn.functional import all_gather
+
+from data.retrieval import HISTORY, RetrievalBatch, RetrievalDataModule, UserBatch
+from models.two_tower import QueryEncoder, TwoTower, TwoTowerConfig
+from trainer.checkpoint import load_unsharded
+from trainer.config import DenseOptimizerConfig, RunConfig, load_config
+from trainer.module import ShardedModule
+from trainer.sharding import ConfigError
+from trainer.topk_metrics import TopKAccumulator, mask_scores, metric_names, topk_metrics_from_scores
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 20, 50, 100)
+
+
+@dataclass
+class RetrievalLossConfig:
+    logq_correction: bool = True
+    num_negatives: int = 0  # uniformly sampled items per global batch (mixed negatives); 0 = in-batch only
+    remove_accidental_hits: bool = True
+    cross_rank_negatives: bool = True  # all-gather candidates so the pool is the global batch
+
+
+# -- the loss ------------------------------------------------------------------------------------
+def mixture_log_q(
+    item_prob: torch.Tensor, batch_candidates: int, num_negatives: int, num_items: int
+) -> torch.Tensor:
+    """``log(B * p + N / I)``: log expected copies of each candidate's item in the pool."""
+    expected = batch_candidates * item_prob.double() + num_negatives / num_items
+    return torch.log(expected.clamp(min=1e-30)).to(item_prob.dtype)
+
+
+def sampled_softmax_loss(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    log_q: torch.Tensor | None = None,
+    candidate_items: torch.Tensor | None = None,
+    candidate_users: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``query [B, D]`` against ``candidates [C, D]``; ``labels [B]`` index positives.
+
+    ``log_q [C]`` is subtracted from the logits (logQ correction). With ``candidate_items [C]``,
+    a candidate holding the same item as the query's positive is masked (accidental hit); with
+    ``candidate_users [C]`` (0 = no user, e.g. a sampled item) so is any candidate that is the
+    positive of the query's own user. The positive itself is never masked.
+    """
+    # One GEMM adds the bias (-log Q, -inf on accidental hits) to the scaled scores: the [B, C] logit
+    # matrix is the bulk of a step on CPUs, so it is written once instead of once per term.
+    bias = None
+    if log_q is not None:
+        bias = (-log_q).unsqueeze(0).expand(query.shape[0], -1)
+    if candidate_items is not None:
+        hit = candidate_items.unsqueeze(0) == candidate_items[labels].unsqueeze(1)
+        if candidate_users is not None:
+            own = candidate_users[labels].unsqueeze(1)
+            hit |= (candidate_users.unsqueeze(0) == own) & (own > 0)
+        hit[torch.arange(len(labels), device=hit.device), labels] = False
+        base = bias if bias is not None else query.new_zeros(()).expand(query.shape[0], candidates.shape[0])
+        bias = base.masked_fill(hit, float("-inf"))
+    scaled = query / temperature
+    logits = scaled @ candidates.T if bias is None else torch.addmm(bias, scaled, candidates.T)
+    return F.cross_entropy(logits, labels)
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks of tensors whose first dimension differs by rank (no gradient)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks; gradients flow back to each rank's own rows."""
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def retrieval_loss(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    user_ids: torch.Tensor,
+    item_prob: torch.Tensor,
+    *,
+    cfg: RetrievalLossConfig,
+    temperature: float,
+    num_items: int,
+) -> torch.Tensor:
+    """One rank's training loss: ``items`` holds the ``B = len(query)`` positives, then the sampled items.
+
+    With ``cfg.cross_rank_negatives`` and more than one rank, the candidates of all ranks form the
+    pool (positives of every rank, then sampled items of every rank: the layout a single rank
+    would have with the concatenated batch), so the mean of the ranks' losses equals the loss of
+    one rank over the whole global batch.
+    """
+    b = query.shape[0]
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    candidates, cand_items, cand_users, cand_prob = items, item_ids, user_ids, item_prob
+    labels = torch.arange(b, device=query.device)
+    scale = 1
+    if cfg.cross_rank_negatives and world > 1:
+        # two collectives per step: the embeddings (with gradient) and the ids/probabilities packed
+        # in one float64 tensor (exact for ids below 2**53); then [positives of all ranks, samples]
+        rows = items.shape[0]
+        packed = torch.stack([item_ids.double(), user_ids.double(), item_prob.double()], dim=1)
+        offsets = torch.arange(world, device=query.device).unsqueeze(1) * rows
+        local = torch.arange(rows, device=query.device).unsqueeze(0)
+        order = torch.cat([(offsets + local[:, :b]).flatten(), (offsets + local[:, b:]).flatten()])
+        candidates = _gather(items)[order]
+        packed = _gather(packed)[order]
+        cand_items, cand_users = packed[:, 0].long(), packed[:, 1].long()
+        cand_prob = packed[:, 2].to(item_prob.dtype)
+        labels = labels + dist.get_rank() * b
+        scale = world
+    num_sampled = (items.shape[0] - b) * scale
+    log_q = mixture_log_q(cand_prob, b * scale, num_sampled, num_items) if cfg.logq_correction else None
+    hits = cfg.remove_accidental_hits
+    return sampled_softmax_loss(
+        query, candidates, labels, temperature=temperature, log_q=log_q,
+        candidate_items=cand_items if hits else None, candidate_users=cand_users if hits else None,
+    )  # fmt: skip
+
+
+# -- the LightningModule -------------------------------------------------------------------------
+class TwoTowerModule(ShardedModule):
+    def __init__(
+        self,
+        config: TwoTowerConfig,
+        loss: RetrievalLossConfig | None = None,
+        ks: tuple[int, ...] = DEFAULT_KS,
+        popularity_baseline: bool = True,
+        dense_optimizer: DenseOptimizerConfig | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__(dense_optimizer, init_seed)
+        if not ks or min(ks) <= 0:
+            raise ConfigError(f"model.eval.ks must be positive cut-offs, got {list(ks)}")
+        self.config = config
+        self.loss_config = loss or RetrievalLossConfig()
+        self.ks = tuple(sorted(set(int(k) for k in ks)))
+        self.popularity_baseline = popularity_baseline
+        self.num_items = config.item_features[config.item_feature] - 1
+        names = metric_names(self.ks)
+        self._accumulators = {"model": TopKAccumulator(names), "pop": TopKAccumulator(names)}
+        self._item_table: torch.Tensor | None = None
+        self._popularity: torch.Tensor | None = None
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        return TwoTower(self.config, device=device)
+
+    def _datamodule(self) -> RetrievalDataModule:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, RetrievalDataModule):
+            raise TypeError(f"TwoTowerModule needs a RetrievalDataModule, got {type(dm).__name__}")
+        return dm
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
+        assert self.model is not None
+        b = batch.num_queries
+        query, items = self.model(batch.features, b, batch.item.shape[0])
+        loss = retrieval_loss(
+            query, items, batch.item, batch.user, batch.item_prob,
+            cfg=self.loss_config, temperature=self.config.temperature, num_items=self.num_items,
+        )  # fmt: skip
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def item_embeddings(self) -> torch.Tensor:
+        """``[num_items + 1, dim]`` embeddings of the whole catalog (row 0, padding, is zero).
+
+        Each rank embeds its slice of every chunk of items, in step with the other ranks (the
+        tables are sharded, so the lookups are collective), then the slices are all-gathered.
+        """
+        assert self.model is not None
+        ids, embs = [], []
+        for batch in self._datamodule().loader("items"):
+            batch = batch.to(self.device)
+            _, items = self.model(batch.features, 0, batch.num_items)
+            ids.append(batch.item)
+            embs.append(items)
+        local_ids, local = torch.cat(ids), torch.cat(embs)
+        local_ids, local = _gather_rows(local_ids), _gather_rows(local)
+        table = torch.zeros(self.num_items + 1, local.shape[1], device=local.device, dtype=local.dtype)
+        table[local_ids] = local
+        return table
+
+    def _eval_start(self) -> None:
+        self._item_table = self.item_embeddings()
+        counts = torch.from_numpy(self._datamodule().item_counts).to(self.device, torch.float32)
+        self._popularity = counts.unsqueeze(0)
+        for acc in self._accumulators.values():
+            acc.reset()
+
+    @torch.no_grad()
+    def _eval_step(self, batch: UserBatch) -> None:
+        assert self.model is not None and self._item_table is not None and self._popularity is not None
+        query, _ = self.model(batch.features, batch.num_queries, 0)
+        width = self.num_items + 1
+        seen = batch.seen_mask(width)
+        seen[:, 0] = True  # the padding row is no item
+        targets = batch.target_mask(width)
+        scores = query @ self._item_table.T  # the temperature does not change the ranking
+        self._accumulators["model"].update(
+            topk_metrics_from_scores(mask_scores(scores, seen), targets, self.ks)
+        )
+        if self.popularity_baseline:
+            popular = self._popularity.expand(batch.num_queries, -1)
+            self._accumulators["pop"].update(
+                topk_metrics_from_scores(mask_scores(popular, seen), targets, self.ks)
+            )
+
+    def _eval_end(self, split: str) -> dict[str, float]:
+        results = {}
+        for source, acc in self._accumulators.items():
+            if source == "pop" and not self.popularity_baseline:
+                continue
+            prefix = "" if source == "model" else "pop_"
+            for name, value in acc.compute(self.device).items():
+                if name == "users" and source == "pop":
+                    continue
+                results[f"{split}/{prefix}{name}"] = value
+        for key, value in results.items():
+            self.log(key, value, prog_bar=key == f"{split}/recall@{self.ks[0]}", rank_zero_only=False)
+        self._item_table = None
+        return results
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: UserBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: UserBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+
+# -- the recipe ----------------------------------------------------------------------------------
+def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule]:
+    """The ``two_tower`` recipe.
+
+    ``model:`` holds the TwoTowerConfig fields plus ``user_features`` / ``item_features`` (names;
+    default all), ``history_mode`` (``recent`` / ``others``), ``split`` (``dataset`` = the stored
+    split, or ``loo`` / ``temporal`` / ``random`` recomputed with ``split_fractions``), ``loss``
+    (RetrievalLossConfig) and ``eval`` (``ks``, ``popularity_baseline``).
+    """
+    model = dict(cfg.model)
+    try:
+        loss = RetrievalLossConfig(**(model.pop("loss", None) or {}))
+        evaluation = dict(model.pop("eval", None) or {})
+        ks = tuple(evaluation.pop("ks", DEFAULT_KS))
+        popularity = bool(evaluation.pop("popularity_baseline", True))
+        if evaluation:
+            raise ConfigError(
+                f"model.eval: unknown key(s) {sorted(evaluation)}; known: ks, popularity_baseline"
+            )
+        dm = RetrievalDataModule(
+            cfg.data.path,
+            cfg.data.batch_size,
+            cfg.data.eval_batch_size,
+            cfg.data.seed,
+            user_features=model.pop("user_features", None),
+            item_features=model.pop("item_features", None),
+            history_length=int(model.get("history_length", 20)),
+            history_mode=model.pop("history_mode", "recent"),
+            num_negatives=loss.num_negatives,
+            split=model.pop("split", "dataset"),
+            fractions=model.pop("split_fractions", (0.8, 0.1, 0.1)),
+        )
+        schema = dm.schema
+        model_cfg = TwoTowerConfig(
+            user_features={f.name: f.vocab for f in schema.user_features},
+            item_features={f.name: f.vocab for f in schema.item_features},
+            multi_valued=[f.name for f in schema.user_features + schema.item_features if f.multi_valued],
+            history_feature=HISTORY,
+            **model,
+        )
+    except ConfigError:
+        raise
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.path: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from e
+    module = TwoTowerModule(model_cfg, loss, ks, popularity, cfg.optimizer, init_seed=cfg.trainer.seed)
+    return module, dm
+
+
+# -- export --------------------------------------------------------------------------------------
+def model_fingerprint(model: nn.Module, config: Any) -> str:
+    """sha256 of the architecture (a config dataclass) and every weight: equal exactly when the model is."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(dm: RetrievalDataModule) -> str:
+    """The prepared dataset's fingerprint, plus the split (``model.split`` may recompute it)."""
+    from trainer.export_ranking import dataset_fingerprint
+
+    h = hashlib.sha256(dataset_fingerprint(dm.path).encode())
+    h.update(np.ascontiguousarray(dm.codes).tobytes())
+    return h.hexdigest()
+
+
+def unsharded_model(config: TwoTowerConfig, checkpoint: str | os.PathLike[str]) -> TwoTower:
+    """The trained two-tower as a plain CPU module (one process, no torchrun)."""
+    model = TwoTower(config, device=torch.device("cpu"))
+    load_unsharded(model, checkpoint)
+    return model.eval()
+
+
+@torch.no_grad()
+def catalog_embeddings(model: TwoTower, dm: RetrievalDataModule, chunk: int = 8192) -> np.ndarray:
+    """Embeddings ``[num_items, dim]`` of items ``1..num_items`` (row ``r`` = item index ``r + 1``)."""
+    out = []
+    for lo in range(1, dm.schema.num_items + 1, chunk):
+        batch = dm.item_batch(np.arange(lo, min(lo + chunk, dm.schema.num_items + 1)))
+        out.append(model(batch.features, 0, batch.num_items)[1])
+    return torch.cat(out).numpy()
+
+
+def export_query_encoder(
+    encoder: QueryEncoder, num_user_features: int, history_length: int
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of the user tower with a dynamic batch (and history length) dimension."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    length = max(history_length, 1)
+    example = (torch.ones(4, num_user_features, dtype=torch.int64), torch.ones(4, length, dtype=torch.int64))
+    history_dims: dict[int, Any] = {0: batch}
+    if history_length:
+        history_dims[1] = torch.export.Dim("history", min=1, max=1 << 16)
+    return torch.export.export(
+        encoder.eval(), example, dynamic_shapes={"user_features": {0: batch}, "history": history_dims}
+    )
+
+
+def _id_maps(dm: RetrievalDataModule) -> dict[str, Any]:
+    """How serving turns raw user-side values into the encoder's indices."""
+    ds = dm.dataset
+    out: dict[str, Any] = {}
+    for f in dm.schema.user_features:
+        info = ds.info("interactions", "user") if f.name == "user" else ds.info("users", f.name)
+        if info.idmap:
+            out[f.name] = {
+                "index": "position in raw_ids + 1; unknown -> 0",
+                "raw_ids": ds.idmap(info.idmap).tolist(),
+            }
+        elif info.hash_buckets:
+            out[f.name] = {
+                "index": "1 + stable_hash(raw) % hash_buckets (data.prepare.stable_hash)",
+                "hash_buckets": info.hash_buckets,
+            }
+        else:
+            raise ValueError(f"user feature {f.name!r} has neither an id map nor hashing")
+    if dm.schema.history_length:
+        out[HISTORY] = {"index": "row of ids.npy + 1; 0 = padding", "raw_ids": "ids.npy"}
+    return out
+
+
+def _item_ids(dm: RetrievalDataModule) -> np.ndarray:
+    info = dm.dataset.info("interactions", "item")
+    if not info.idmap:  # hashed item ids: the index is all there is
+        return np.arange(1, dm.schema.num_items + 1, dtype=np.int64)
+    raw = dm.dataset.idmap(info.idmap)
+    if len(raw) != dm.schema.num_items:
+        raise ValueError(
+            f"{dm.path}: item id map has {len(raw)} ids, the item vocabulary {dm.schema.num_items}"
+        )
+    return raw
+
+
+def export_two_tower(
+    cfg: RunConfig,
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    index: Any,
+    *,
+    overwrite: bool = False,
+    max_queries: int = 2000,
+) -> Path:
+    """Write the retrieval artifact of a two-tower checkpoint (any world size) from one process.
+
+    The item index holds every catalog item; the query encoder is exported rather than shipping
+    precomputed user embeddings, so serving can embed a new user or a user's latest history from
+    raw ids. The ANN evaluation uses real user queries (the test users, else the validation ones).
+    """
+    from trainer.faiss_export import write_retrieval_artifact
+
+    module, dm = build_two_tower(cfg)
+    model = unsharded_model(module.config, checkpoint)
+    items = catalog_embeddings(model, dm)
+    encoder = QueryEncoder(model).eval()
+    stage = next((s for s in ("test", "val") if dm.eval_users(s) is not None), None)
+    queries = None
+    if stage is not None:
+        count = len(dm.eval_users(stage).users)  # type: ignore[union-attr]
+        arrays = dm.query_arrays(stage, np.arange(min(count, max_queries)))
+        with torch.no_grad():
+            queries = encoder(
+                torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"])
+            ).numpy()
+    num_features = len(dm.schema.user_features)
+    meta = {
+        "model_type": "two_tower",
+        "model_fingerprint": model_fingerprint(model, module.config),
+        "data_fingerprint": data_fingerprint(dm),
+        "dataset": {"path": str(dm.path), "name": dm.dataset.name},
+        "checkpoint": str(checkpoint),
+        "model_config": dataclasses.asdict(module.config),
+        "input_spec": {
+            "user_features": {
+                "dtype": "int64", "shape": ["batch", num_features],
+                "columns": [f.name for f in dm.schema.user_features],
+                "index": "id_maps[column]; 0 = unknown (contributes nothing)",
+            },
+            "history": {
+                "dtype": "int64", "shape": ["batch", "history"], "padding": 0,
+                "max_length": dm.schema.history_length,
+                "mode": dm.history_mode,
+                "index": "id_maps.history (row of ids.npy + 1); any order (mean-pooled); all padding "
+                         "when the model has no history feature",
+                "content": "mode recent: the user's newest max_length items; mode others: up to "
+                           "max_length of the user's items",
+            },
+            "output": {"dtype": "float32", "shape": ["batch", module.config.output_dim], "normalised": True},
+        },
+        "id_maps": _id_maps(dm),
+    }  # fmt: skip
+    ep = export_query_encoder(encoder, num_features, dm.schema.history_length)
+    return write_retrieval_artifact(
+        Path(out),
+        items,
+        _item_ids(dm),
+        index,
+        query_encoder=ep,
+        meta=meta,
+        overwrite=overwrite,
+        queries=queries,
+    )
+
+
+def export_from_config(
+    config_path: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    index: Any,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    cfg = load_config(config_path, overrides)
+    if cfg.model_name != "two_tower":
+        raise ConfigError(f"{config_path}: model_name is {cfg.model_name!r}, not a two_tower config")
+    return export_two_tower(cfg, checkpoint, out, index, overwrite=overwrite)
+
+
+def iter_user_embeddings(
+    model: TwoTower, dm: RetrievalDataModule, stage: str, chunk: int = 4096
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(users, embeddings)`` of a stage's evaluation users through the TorchRec user tower."""
+    ev = dm.eval_users(stage)
+    if ev is None:
+        return
+    with torch.no_grad():
+        for lo in range(0, len(ev.users), chunk):
+            index = np.arange(lo, min(lo + chunk, len(ev.users)))
+            batch = dm.user_batch(stage, index)
+            yield ev.users[index], model(batch.features, batch.num_queries, 0)[0].numpy()
