@@ -48,7 +48,7 @@ class PlainEmbeddingBags(nn.Module):
                 name: nn.EmbeddingBag(
                     rows,
                     cfg.embedding_dim + FIRST_ORDER_COLUMNS,
-                    mode="mean" if name in cfg.multi_valued else "sum",
+                    mode="sum",  # DeepFM.forward averages multi-valued bags itself
                     sparse=True,
                     include_last_offset=True,
                 )

@@ -38,6 +38,10 @@ class DeepFMConfig:
     multi_valued_pooling: str = "mean"
     multi_valued: list[str] = field(default_factory=list)
 
+    def mean_pooled(self) -> list[str]:
+        """Multi-valued features whose bags are averaged (summed by the kernel, divided in forward)."""
+        return [f for f in self.multi_valued if self.multi_valued_pooling == "mean"]
+
     def tables(self) -> list[EmbeddingBagConfig]:
         if self.embedding_dim % 4:
             raise ValueError(f"embedding_dim {self.embedding_dim} must be a multiple of 4 (FBGEMM kernels)")
@@ -56,9 +60,9 @@ class DeepFMConfig:
                 embedding_dim=self.embedding_dim + FIRST_ORDER_COLUMNS,
                 num_embeddings=max(self.sparse_features[f] for f in feats),
                 feature_names=feats,
-                pooling=PoolingType.MEAN
-                if any(f in self.multi_valued for f in feats) and self.multi_valued_pooling == "mean"
-                else PoolingType.SUM,
+                # SUM in the kernel, mean taken in forward(): TorchRec (1.9, gloo) divides other MEAN
+                # tables by the bag length a second time when one MEAN table is row-wise sharded.
+                pooling=PoolingType.SUM,
             )
             for table, feats in groups.items()
         ]
@@ -93,6 +97,7 @@ class DeepFM(nn.Module):
         super().__init__()
         self.config = config
         self.feature_names = list(config.sparse_features)
+        self.mean_pooled = config.mean_pooled()
         d = config.embedding_dim
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
         self.has_dense = config.num_dense > 0
@@ -106,6 +111,9 @@ class DeepFM(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         d = self.config.embedding_dim
         pooled = self.sparse_arch(sparse).to_dict()
+        for name in self.mean_pooled:
+            lengths = sparse[name].lengths().clamp(min=1).unsqueeze(1).to(pooled[name].dtype)
+            pooled[name] = pooled[name] / lengths
         per_feature = [pooled[name] for name in self.feature_names]  # each [B, d + 4]
         fields = [e[:, :d] for e in per_feature]
         first_order = torch.stack([e[:, d:].sum(dim=1) for e in per_feature], dim=1).sum(dim=1)

@@ -95,8 +95,8 @@ class RankingProgram(nn.Module):
         for table in cfg.tables():
             weight = model.sparse_arch.embedding_bags[table.name].weight.detach().float().cpu()
             self._register_table(table.name, weight)
-            mean = table.pooling.name == "MEAN"
             for feature in table.feature_names:
+                mean = feature in cfg.mean_pooled()
                 self.layout.append((feature, table.name, feature in cfg.multi_valued, mean))
         order = {name: i for i, name in enumerate(model.feature_names)}
         self.layout.sort(key=lambda entry: order[entry[0]])
