@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.loaders import GlobalBatches
+from data.loaders import GlobalBatches, ShardedDataModule
 from data.shards import Jagged, PreparedDataset
 
 
@@ -97,7 +96,7 @@ class CTRBatchBuilder:
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
 
-class CTRDataModule(pl.LightningDataModule):
+class CTRDataModule(ShardedDataModule):
     """Train/val/test batches of a prepared dataset's ``ctr`` table, sharded across ranks."""
 
     def __init__(
@@ -116,38 +115,16 @@ class CTRDataModule(pl.LightningDataModule):
         self.dataset = PreparedDataset(self.path)
         self.schema = CTRSchema.from_dataset(self.dataset, features)
         self._builder = CTRBatchBuilder(self.dataset, self.schema)
-        self._loaders: dict[str, GlobalBatches[Batch]] = {}
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def loader(self, split: str) -> GlobalBatches[Batch]:
-        if split not in self._loaders:
-            rank, world = self._rank_world()
-            train = split == "train"
-            self._loaders[split] = GlobalBatches(
-                self.dataset.split_rows("ctr", split),
-                self.batch_size if train else self.eval_batch_size,
-                self._builder,
-                rank=rank,
-                world_size=world,
-                shuffle=train,
-                seed=self.seed,
-                drop_last=train,
-            )
-        return self._loaders[split]
-
-    def train_dataloader(self) -> GlobalBatches[Batch]:
-        return self.loader("train")
-
-    def val_dataloader(self) -> GlobalBatches[Batch]:
-        return self.loader("val")
-
-    def test_dataloader(self) -> GlobalBatches[Batch]:
-        return self.loader("test")
-
-    def predict_dataloader(self) -> GlobalBatches[Batch]:
-        return self.loader("test")
+    def make_loader(self, split: str, rank: int, world_size: int) -> GlobalBatches[Batch]:
+        train = split == "train"
+        return GlobalBatches(
+            self.dataset.split_rows("ctr", split),
+            self.batch_size if train else self.eval_batch_size,
+            self._builder,
+            rank=rank,
+            world_size=world_size,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=train,
+        )

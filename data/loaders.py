@@ -10,10 +10,12 @@ resumes at the next unseen batch.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import pytorch_lightning as pl
 
 T = TypeVar("T")
 
@@ -130,3 +132,41 @@ class GlobalBatches(Generic[T]):
         self.sampler.epoch = int(state["epoch"])
         self._resume_from = int(state["consumed"])
         self._consumed = self._resume_from
+
+
+class ShardedDataModule(pl.LightningDataModule):
+    """A LightningDataModule whose loaders are :class:`GlobalBatches`, built once per split.
+
+    Subclasses implement :meth:`make_loader`; the rank and world size come from the trainer the
+    module is attached to (rank 0 of 1 without one, e.g. for export and tests).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaders: dict[str, GlobalBatches[Any]] = {}
+
+    def rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    @abstractmethod
+    def make_loader(self, split: str, rank: int, world_size: int) -> GlobalBatches[Any]: ...
+
+    def loader(self, split: str) -> GlobalBatches[Any]:
+        if split not in self._loaders:
+            self._loaders[split] = self.make_loader(split, *self.rank_world())
+        return self._loaders[split]
+
+    def train_dataloader(self) -> GlobalBatches[Any]:
+        return self.loader("train")
+
+    def val_dataloader(self) -> GlobalBatches[Any] | list[Any]:
+        return self.loader("val")
+
+    def test_dataloader(self) -> GlobalBatches[Any]:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> GlobalBatches[Any]:
+        return self.loader("test")

@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from data.ctr import SparseFeature
-from data.loaders import GlobalBatches
+from data.loaders import GlobalBatches, ShardedDataModule
 from data.shards import SPLIT_CODES, Jagged, PreparedDataset
 from data.splits import DEFAULT_FRACTIONS, make_split
 
@@ -321,7 +320,7 @@ class EvalUsers:
     seen: Jagged  # items of the visible splits (excluded from the ranking)
 
 
-class RetrievalDataModule(pl.LightningDataModule):
+class RetrievalDataModule(ShardedDataModule):
     """Two-tower batches of a prepared dataset, sharded across ranks with :class:`GlobalBatches`."""
 
     def __init__(
@@ -366,7 +365,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._items = _SideColumns(ds, "items", "item", self.schema.item_features)
         self._histories: dict[tuple[str, ...], _History] = {}
         self._eval_users: dict[str, EvalUsers | None] = {}
-        self._loaders: dict[str, GlobalBatches[Any]] = {}
 
     # -- dataset layout -------------------------------------------------------------------------
     def _check_sequences(self) -> np.ndarray:
@@ -560,45 +558,30 @@ class RetrievalDataModule(pl.LightningDataModule):
         }
 
     # -- Lightning --------------------------------------------------------------------------------
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def loader(self, stage: str) -> GlobalBatches[Any]:
+    def make_loader(self, split: str, rank: int, world_size: int) -> GlobalBatches[Any]:
         """``train``, ``val``/``test`` (eval users) or ``items`` (the whole catalog)."""
-        if stage not in self._loaders:
-            rank, world = self._rank_world()
-            common = {"rank": rank, "world_size": world, "seed": self.seed}
-            if stage == "train":
-                negatives = self.negatives_per_rank(world)
-                rows = np.flatnonzero(self.codes == SPLIT_CODES["train"])
-                self._loaders[stage] = GlobalBatches(
-                    rows, self.batch_size, lambda r: self.train_batch(r, negatives),
-                    shuffle=True, drop_last=True, **common,
-                )  # fmt: skip
-            elif stage == "items":
-                items = np.arange(1, self.schema.num_items + 1)
-                self._loaders[stage] = GlobalBatches(items, self.eval_batch_size, self.item_batch, **common)
-            elif stage in ("val", "test"):
-                ev = self.eval_users(stage)
-                if ev is None:
-                    raise ValueError(f"{self.path}: no {stage} users to evaluate")
-                self._loaders[stage] = GlobalBatches(
-                    np.arange(len(ev.users)), self.eval_batch_size,
-                    lambda idx, s=stage: self.user_batch(s, idx), **common,
-                )  # fmt: skip
-            else:
-                raise ValueError(f"unknown stage {stage!r}")
-        return self._loaders[stage]
-
-    def train_dataloader(self) -> GlobalBatches[RetrievalBatch]:
-        return self.loader("train")
+        common = {"rank": rank, "world_size": world_size, "seed": self.seed}
+        if split == "train":
+            negatives = self.negatives_per_rank(world_size)
+            rows = np.flatnonzero(self.codes == SPLIT_CODES["train"])
+            return GlobalBatches(
+                rows, self.batch_size, lambda r: self.train_batch(r, negatives),
+                shuffle=True, drop_last=True, **common,
+            )  # fmt: skip
+        if split == "items":
+            items = np.arange(1, self.schema.num_items + 1)
+            return GlobalBatches(items, self.eval_batch_size, self.item_batch, **common)
+        if split in ("val", "test"):
+            ev = self.eval_users(split)
+            if ev is None:
+                raise ValueError(f"{self.path}: no {split} users to evaluate")
+            return GlobalBatches(
+                np.arange(len(ev.users)), self.eval_batch_size,
+                lambda idx, s=split: self.user_batch(s, idx), **common,
+            )  # fmt: skip
+        raise ValueError(f"unknown stage {split!r}")
 
     def val_dataloader(self) -> GlobalBatches[UserBatch] | list[Any]:
         # a dataset without a validation split (e.g. the LCF train/test files) skips validation
         return self.loader("val") if self.eval_users("val") is not None else []
 
-    def test_dataloader(self) -> GlobalBatches[UserBatch]:
-        return self.loader("test")

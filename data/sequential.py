@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torchrec.streamable import Pipelineable
 
-from data.loaders import GlobalBatches
+from data.loaders import GlobalBatches, ShardedDataModule
 from data.shards import SPLIT_CODES, PreparedDataset
 
 PAD = 0
@@ -218,7 +217,7 @@ def _batch(rows: np.ndarray, inputs: np.ndarray, targets: np.ndarray, negatives:
     )
 
 
-class SequentialDataModule(pl.LightningDataModule):
+class SequentialDataModule(ShardedDataModule):
     """Train/val/test :class:`SequenceBatch` es of a prepared dataset, sharded across ranks."""
 
     def __init__(
@@ -240,46 +239,24 @@ class SequentialDataModule(pl.LightningDataModule):
         if not self.dataset.has_table("sequences"):
             raise ValueError(f"{self.path}: no sequences table; prepare it with `funnel data prepare`")
         self.splits = SequenceSplits(self.dataset, max_len, seed, eval_negatives, negatives)
-        self._loaders: dict[str, GlobalBatches[SequenceBatch]] = {}
 
     @property
     def num_items(self) -> int:
         return self.splits.num_items
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def loader(self, split: str) -> GlobalBatches[SequenceBatch]:
-        if split not in self._loaders:
-            rank, world = self._rank_world()
-            train = split == "train"
-            loader: GlobalBatches[SequenceBatch] = GlobalBatches(
-                self.splits.rows[split],
-                self.batch_size if train else self.eval_batch_size,
-                lambda rows: self.splits.eval_batch(rows, split),
-                rank=rank,
-                world_size=world,
-                shuffle=train,
-                seed=self.seed,
-                drop_last=train,
-            )
-            if train:
-                # negatives change every epoch; the loader knows the epoch Lightning is in
-                loader.make_batch = lambda rows: self.splits.train_batch(rows, loader.sampler.epoch)
-            self._loaders[split] = loader
-        return self._loaders[split]
-
-    def train_dataloader(self) -> GlobalBatches[SequenceBatch]:
-        return self.loader("train")
-
-    def val_dataloader(self) -> GlobalBatches[SequenceBatch]:
-        return self.loader("val")
-
-    def test_dataloader(self) -> GlobalBatches[SequenceBatch]:
-        return self.loader("test")
-
-    def predict_dataloader(self) -> GlobalBatches[SequenceBatch]:
-        return self.loader("test")
+    def make_loader(self, split: str, rank: int, world_size: int) -> GlobalBatches[SequenceBatch]:
+        train = split == "train"
+        loader: GlobalBatches[SequenceBatch] = GlobalBatches(
+            self.splits.rows[split],
+            self.batch_size if train else self.eval_batch_size,
+            lambda rows: self.splits.eval_batch(rows, split),
+            rank=rank,
+            world_size=world_size,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=train,
+        )
+        if train:
+            # negatives change every epoch; the loader knows the epoch Lightning is in
+            loader.make_batch = lambda rows: self.splits.train_batch(rows, loader.sampler.epoch)
+        return loader
