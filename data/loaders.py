@@ -100,12 +100,17 @@ class GlobalBatches(Generic[T]):
         return np.array_split(global_rows, self.world_size)[self.rank]
 
     def __iter__(self) -> Iterator[T]:
-        return self._generate()
+        return self._generate(None)
 
-    def _generate(self) -> Iterator[T]:
+    def iter_from(self, start: int) -> Iterator[T]:
+        """This epoch's batches from batch ``start`` on (a training pipeline restarts there)."""
+        return self._generate(start)
+
+    def _generate(self, start: int | None) -> Iterator[T]:
         # The order is computed on the first next(), after Lightning has called set_epoch().
         order = self._order(self.sampler.epoch)
-        start, self._resume_from = self._resume_from, 0
+        resume, self._resume_from = self._resume_from, 0
+        start = resume if start is None else start
         for i, (lo, hi) in enumerate(self._bounds()):
             if i < start:
                 continue

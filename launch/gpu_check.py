@@ -257,6 +257,7 @@ def check_train(model: str, device: str, steps: int, work: Path, timeout: float,
     return {
         "device": device,
         "precision": precision,
+        "pipelined": summary.get("pipelined"),
         "steps": summary["global_step"],
         "samples_per_sec": summary["samples_per_sec"],
         "fit_seconds": summary["fit_seconds"],

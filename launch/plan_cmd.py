@@ -273,7 +273,12 @@ def plan_cluster(cfg: RunConfig, cluster: Cluster) -> Report:
     started = time.perf_counter()
     with _captured_planner_stats(stats_lines):
         planner, topology = make_planner(
-            model, sharding, cluster.world_size, cluster.local_world_size, cluster.compute_device
+            model,
+            sharding,
+            cluster.world_size,
+            cluster.local_world_size,
+            cluster.compute_device,
+            batch_size_per_rank=max(1, cfg.data.batch_size // cluster.world_size),
         )
         _run_planner(planner, model, sharders(), cluster, topology)
     seconds = time.perf_counter() - started

@@ -110,11 +110,15 @@ class DeepFM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         d = self.config.embedding_dim
-        pooled = self.sparse_arch(sparse).to_dict()
-        for name in self.mean_pooled:
-            lengths = sparse[name].lengths().clamp(min=1).unsqueeze(1).to(pooled[name].dtype)
-            pooled[name] = pooled[name] / lengths
-        per_feature = [pooled[name] for name in self.feature_names]  # each [B, d + 4]
+        # written to be FX-traceable (no item assignment on traced values): TorchRec's train
+        # pipeline traces forward to find the sharded module's input
+        pooled = self.sparse_arch(sparse)
+        per_feature = []  # each [B, d + 4]
+        for name in self.feature_names:
+            emb = pooled[name]
+            if name in self.mean_pooled:
+                emb = emb / sparse[name].lengths().clamp(min=1).unsqueeze(1).to(emb.dtype)
+            per_feature.append(emb)
         fields = [e[:, :d] for e in per_feature]
         first_order = torch.stack([e[:, d:].sum(dim=1) for e in per_feature], dim=1).sum(dim=1)
         logit = self.bias + first_order

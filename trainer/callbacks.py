@@ -48,6 +48,8 @@ class Throughput(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if batch is None:  # the sparse-dist pipeline fetches batches itself
+            batch = getattr(pl_module, "last_train_batch", None)
         rows = batch_rows(batch) * trainer.world_size
         self._rows += rows
         self.total_rows += rows
@@ -56,7 +58,10 @@ class Throughput(pl.Callback):
             elapsed = time.perf_counter() - self._t0
             self.train_seconds += elapsed
             self.last_rate = self._rows / max(elapsed, 1e-9)
-            pl_module.log("train/samples_per_sec", self.last_rate, prog_bar=True, rank_zero_only=True)
+            # batch_size only because Lightning asks for it when training_step takes dataloader_iter
+            pl_module.log(
+                "train/samples_per_sec", self.last_rate, prog_bar=True, rank_zero_only=True, batch_size=1
+            )
             self._rows = 0
             self._steps = 0
 

@@ -41,7 +41,11 @@ class TrainerConfig:
     max_steps: int = -1
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
     gradient_clip_val: float | None = None
+    # dense gradients only: the fused embedding optimizers step inside every backward
     accumulate_grad_batches: int = 1
+    # TorchRec's sparse-dist pipeline (input all-to-alls of batch i+1 overlap batch i's compute):
+    # auto = on CUDA only, on = also on CPU (same maths, no overlap), off
+    pipeline: str = "auto"
     val_check_interval: float | int = 1.0
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +13,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trainer.config import DenseOptimizerConfig
+from trainer.pipeline import SparseDistPipeline
 from trainer.sharding import ConfigError
 from trainer.strategy import TorchRecStrategy
 
@@ -22,13 +23,26 @@ class ShardedModule(pl.LightningModule):
 
     Subclasses implement :meth:`build_model` and the ``*_step`` methods; the dense optimizer comes
     from ``dense_optimizer`` and covers every parameter that has no fused optimizer.
+
+    When the strategy pipelines (``trainer.pipeline``), ``training_step`` is replaced by one that
+    takes Lightning's ``dataloader_iter`` and runs the subclass's ``training_step`` inside
+    :class:`~trainer.pipeline.SparseDistPipeline`; the subclass opts in by declaring
+    :attr:`pipeline_inputs`.
     """
+
+    #: ``{parameter of the sharded model's forward: attribute of the training batch}``. Declares that
+    #: ``training_step`` calls ``self.model`` with exactly these batch fields, so the pipeline may
+    #: start a batch's input distribution one step early. ``None``: never pipelined.
+    pipeline_inputs: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, dense_optimizer: DenseOptimizerConfig | None = None, init_seed: int = 0) -> None:
         super().__init__()
         self.dense_optimizer = dense_optimizer or DenseOptimizerConfig()
         self.init_seed = init_seed
         self.model: DistributedModelParallel | None = None
+        self._pipeline: SparseDistPipeline | None = None
+        self.pipelined = False  # whether training runs through SparseDistPipeline (set when sharded)
+        self.last_train_batch: Any = None
 
     @abstractmethod
     def build_model(self, device: torch.device) -> nn.Module: ...
@@ -42,6 +56,18 @@ class ShardedModule(pl.LightningModule):
         # same seed on every rank: each rank initialises its own shards, DDP broadcasts dense weights
         torch.manual_seed(self.init_seed)
         self.model = strategy.shard(self.build_model(torch.device("meta")))
+        if not strategy.use_pipeline():
+            return
+        if self.pipeline_inputs is None:
+            if strategy.pipeline == "on":
+                raise ConfigError(
+                    f"trainer.pipeline=on but {type(self).__name__} builds its sharded inputs inside the "
+                    "model, so TorchRec cannot distribute them ahead: set trainer.pipeline to auto or off"
+                )
+            return
+        # Lightning picks its data fetcher from this signature: the pipeline fetches ahead itself
+        self.training_step = self._pipelined_training_step  # type: ignore[method-assign]
+        self.pipelined = True
 
     def dense_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         assert self.model is not None
@@ -68,8 +94,65 @@ class ShardedModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- the pipelined training step --------------------------------------------------------------
+    def _epoch_batches_started(self) -> int:
+        """Batches of this epoch Lightning has started, the current one included (restored on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _pipelined_training_step(self, dataloader_iter: Iterator[Any]) -> torch.Tensor:
+        # Lightning's iterator is left alone: it would end the epoch as soon as the pipeline had
+        # fetched the last batch, two steps before that batch is trained. The pipeline reads the
+        # loader from the first untrained batch instead, and Lightning ends the epoch by its count.
+        del dataloader_iter
+        if self._pipeline is None:
+            loader = self.trainer.train_dataloader
+            if not hasattr(loader, "iter_from"):
+                raise TypeError(
+                    f"trainer.pipeline needs a GlobalBatches train loader, got {type(loader).__name__}"
+                )
+            assert self.model is not None and self.pipeline_inputs is not None
+            step = type(self).training_step
+            self._pipeline = SparseDistPipeline(
+                self.model,
+                self.device,
+                loader.iter_from(self._epoch_batches_started() - 1),
+                self.pipeline_inputs,
+                lambda batch: step(self, batch, self._epoch_batches_started() - 1),
+            )
+        loss = self._pipeline.step()
+        self.last_train_batch = self._pipeline.current_batch
+        # Lightning takes the next step's batch_idx from its fetcher, which never fetches here;
+        # the automatic optimization decides when to zero gradients under accumulate_grad_batches
+        # from it, so keep it true (guarded by tests/test_pipeline.py).
+        fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            fetcher._batch_idx = self._epoch_batches_started()
+        return loss
+
+    def close_pipeline(self) -> None:
+        """Drop the pipeline (its fetched-ahead batches are re-read when training continues)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
+
+    def on_validation_start(self) -> None:
+        self.close_pipeline()  # evaluation calls the model's own forwards
+
+    def on_test_start(self) -> None:
+        self.close_pipeline()
+
+    def on_predict_start(self) -> None:
+        self.close_pipeline()
+
+    def on_train_epoch_end(self) -> None:
+        self.close_pipeline()
+
+    def on_train_end(self) -> None:
+        self.close_pipeline()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning prefetches a batch, so only the module knows how many were really trained on.
+        # Lightning (and the pipeline) fetch ahead, so only the loop's count says how many batches
+        # were really trained on; ``batch_idx`` is not maintained when the pipeline fetches.
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):
-            loader.mark_consumed(batch_idx + 1)
+            loader.mark_consumed(self._epoch_batches_started())

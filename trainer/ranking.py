@@ -16,6 +16,8 @@ from trainer.module import ShardedModule
 
 
 class DeepFMModule(ShardedModule):
+    pipeline_inputs = {"dense": "dense_features", "sparse": "sparse_features"}
+
     def __init__(
         self, config: DeepFMConfig, dense_optimizer: DenseOptimizerConfig | None = None, init_seed: int = 0
     ) -> None:

@@ -199,7 +199,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: list[pl.Callba
         accelerator="cuda" if device_type == "cuda" else "cpu",
         devices=local,
         num_nodes=world // local,
-        strategy=TorchRecStrategy(sharding=cfg.sharding, sparse_optimizer=cfg.sparse_optimizer),
+        strategy=TorchRecStrategy(
+            sharding=cfg.sharding,
+            sparse_optimizer=cfg.sparse_optimizer,
+            pipeline=cfg.trainer.pipeline,
+            batch_size=cfg.data.batch_size,
+        ),
         precision=precision,  # type: ignore[arg-type]
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
@@ -300,6 +305,8 @@ def run(cfg: RunConfig, resume: str | None = None, init_from: str | None = None)
         "epochs": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
         "samples_per_sec": round(throughput.average_rate, 1),
+        "precision": str(trainer.precision),
+        "pipelined": bool(getattr(module, "pipelined", False)),
         "metrics": {**fit_metrics, **test_metrics},
         "plan": [{k: r[k] for k in ("table", "sharding_type", "ranks")} for r in report.rows],
         "embedding_bytes_per_rank": report.bytes_per_rank,

@@ -182,12 +182,18 @@ def make_planner(
     world_size: int,
     local_world_size: int,
     device_type: str | None = None,
+    batch_size_per_rank: int | None = None,
 ) -> tuple[EmbeddingShardingPlanner, Topology]:
+    """The planner for ``module`` on this topology; ``batch_size_per_rank`` feeds its cost model
+    (lookup and all-to-all volumes; None = TorchRec's default of 512)."""
     tables = embedding_tables(module)
     topology = build_topology(cfg, world_size, local_world_size, device_type)
     constraints = build_constraints(cfg, tables)
     check_fits(cfg, tables, topology)
-    return EmbeddingShardingPlanner(topology=topology, constraints=constraints), topology
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints, batch_size=batch_size_per_rank
+    )
+    return planner, topology
 
 
 def plan_sharding(
@@ -197,10 +203,11 @@ def plan_sharding(
     local_world_size: int,
     pg: dist.ProcessGroup | None = None,
     device_type: str | None = None,
+    batch_size_per_rank: int | None = None,
 ) -> ShardingPlan:
     """The sharding plan; collective (all ranks agree) when a process group is given."""
     set_embedding_precision(module, cfg.embedding_precision)
-    planner, _ = make_planner(module, cfg, world_size, local_world_size, device_type)
+    planner, _ = make_planner(module, cfg, world_size, local_world_size, device_type, batch_size_per_rank)
     shard = sharders()
     try:
         if pg is not None:

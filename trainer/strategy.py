@@ -101,6 +101,8 @@ class TorchRecStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = timedelta(minutes=30),
+        pipeline: str = "auto",
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -115,6 +117,20 @@ class TorchRecStrategy(ParallelStrategy):
         self._timeout = timeout
         self._num_nodes = 1
         self.plans: dict[str, ShardingPlan] = {}
+        if pipeline not in ("auto", "on", "off"):
+            raise ConfigError(f"trainer.pipeline {pipeline!r}: choose auto, on or off")
+        self.pipeline = pipeline
+        self.batch_size = batch_size  # global training batch, for the planner's cost model
+
+    def use_pipeline(self) -> bool:
+        """Whether training overlaps input distribution with compute (``trainer.pipeline``).
+
+        ``auto`` pipelines on CUDA, where the stages run on separate streams; on CPU there is no
+        overlap to gain, so ``auto`` keeps the plain loop there (``on`` forces it, for tests).
+        """
+        if self.pipeline == "auto":
+            return self.root_device.type == "cuda"
+        return self.pipeline == "on"
 
     # -- topology ------------------------------------------------------------------------------
     @property
@@ -202,6 +218,7 @@ class TorchRecStrategy(ParallelStrategy):
             local_world_size=self.local_world_size,
             pg=pg,
             device_type=self.root_device.type,
+            batch_size_per_rank=self.batch_size // self.world_size if self.batch_size else None,
         )
         self.plans[name] = plan
         if self.is_global_zero:
