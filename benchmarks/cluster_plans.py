@@ -98,10 +98,10 @@ def markdown(reports: dict[str, dict[str, Any]]) -> str:
         "Hardware assumed: 141 GiB of HBM per GPU, 2048 GiB of host memory per 8-GPU node (256 GiB per",
         "rank). TorchRec holds back 15% of HBM and reserves per-rank room for the dense part and the",
         "input KJTs. Memory and perf are TorchRec's estimates, not measurements. The perf estimate is",
-        "TorchRec's model of one iteration's embedding lookups and communication at the planner's",
-        f"per-rank batch of {first['batch_size_per_rank']} (TorchRec's default, which training plans with "
-        "too); the",
-        "planner minimises the busiest rank's total.",
+        "TorchRec's model of one iteration's embedding lookups and communication at the config's",
+        "global batch divided over the ranks (as training plans it: "
+        + ", ".join(f"{r['batch_size_per_rank']:,} per rank on {name}" for name, r in reports.items())
+        + "); the planner minimises the busiest rank's total.",
         "",
         "| cluster | tables by sharding type | max HBM per rank, GiB | min HBM per rank, GiB | "
         "DDR in all, GiB | busiest rank, ms | critical path, ms |",

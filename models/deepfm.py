@@ -90,6 +90,42 @@ def mlp(sizes: list[int], dropout: float = 0.0, device: torch.device | None = No
     return nn.Sequential(*layers)
 
 
+class DeepFMHead(nn.Module):
+    """Everything after the table lookup: ``(pooled rows per feature, dense) -> logits [B]``.
+
+    Its own module so that an exported scorer (``trainer/export_ranking.py``), which looks rows up
+    without TorchRec, runs exactly this code on the same weights.
+    """
+
+    def __init__(self, config: DeepFMConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        d = self.embedding_dim = config.embedding_dim
+        self.has_dense = config.num_dense > 0
+        num_fields = len(config.sparse_features) + int(self.has_dense)
+        if self.has_dense:
+            self.dense_arch = mlp([config.num_dense, *config.dense_arch, d], config.dropout, device)
+            self.dense_linear = nn.Linear(config.num_dense, 1, bias=False, device=device)
+        self.deep = mlp([num_fields * d, *config.deep_arch, 1], config.dropout, device)
+        self.bias = nn.Parameter(torch.zeros(1, device=device))
+
+    def forward(self, per_feature: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        """``per_feature``: each sparse feature's pooled ``[B, d + 4]`` row, in the model's order."""
+        d = self.embedding_dim
+        fields = [e[:, :d] for e in per_feature]
+        first_order = torch.stack([e[:, d:].sum(dim=1) for e in per_feature], dim=1).sum(dim=1)
+        logit = self.bias + first_order
+        if self.has_dense:
+            fields.insert(0, self.dense_arch(dense))
+            logit = logit + self.dense_linear(dense).squeeze(1)
+        logit = logit + fm_second_order(torch.stack(fields, dim=1))
+        return logit + self.deep(torch.cat(fields, dim=1)).squeeze(1)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the parameters this module owns directly (DMP materialises meta modules one by one)."""
+        self.bias.zero_()
+
+
 class DeepFM(nn.Module):
     """Scores ``(dense [B, num_dense], sparse KJT)`` -> logits ``[B]``."""
 
@@ -98,18 +134,10 @@ class DeepFM(nn.Module):
         self.config = config
         self.feature_names = list(config.sparse_features)
         self.mean_pooled = config.mean_pooled()
-        d = config.embedding_dim
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
-        self.has_dense = config.num_dense > 0
-        num_fields = len(self.feature_names) + int(self.has_dense)
-        if self.has_dense:
-            self.dense_arch = mlp([config.num_dense, *config.dense_arch, d], config.dropout, device)
-            self.dense_linear = nn.Linear(config.num_dense, 1, bias=False, device=device)
-        self.deep = mlp([num_fields * d, *config.deep_arch, 1], config.dropout, device)
-        self.bias = nn.Parameter(torch.zeros(1, device=device))
+        self.head = DeepFMHead(config, device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        d = self.config.embedding_dim
         # written to be FX-traceable (no item assignment on traced values): TorchRec's train
         # pipeline traces forward to find the sharded module's input
         pooled = self.sparse_arch(sparse)
@@ -119,17 +147,4 @@ class DeepFM(nn.Module):
             if name in self.mean_pooled:
                 emb = emb / sparse[name].lengths().clamp(min=1).unsqueeze(1).to(emb.dtype)
             per_feature.append(emb)
-        fields = [e[:, :d] for e in per_feature]
-        first_order = torch.stack([e[:, d:].sum(dim=1) for e in per_feature], dim=1).sum(dim=1)
-        logit = self.bias + first_order
-        if self.has_dense:
-            fields.insert(0, self.dense_arch(dense))
-            logit = logit + self.dense_linear(dense).squeeze(1)
-        logit = logit + fm_second_order(torch.stack(fields, dim=1))
-        logit = logit + self.deep(torch.cat(fields, dim=1)).squeeze(1)
-        return logit
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise the parameters this module owns directly (DMP materialises meta modules one by one)."""
-        self.bias.zero_()
+        return self.head(per_feature, dense)

@@ -54,7 +54,7 @@ from torch import nn
 
 from data.ctr import CTRBatchBuilder, CTRDataModule, CTRSchema
 from data.shards import Jagged, PreparedDataset
-from models.deepfm import DeepFM, DeepFMConfig, fm_second_order
+from models.deepfm import DeepFM, DeepFMConfig
 from serving.bundle import atomic_directory, write_manifest
 from serving.pt2 import save_program
 from serving.ranking import FEATURE_SPEC_VERSION, PRECISIONS, RankingModel
@@ -76,8 +76,8 @@ _EVAL_BATCH = 8192
 class RankingProgram(nn.Module):
     """DeepFM's scoring function on plain tensors: ``(dense, [ids per feature]) -> probabilities [B]``.
 
-    The head (first order, dense projection, FM, deep MLP) uses the trained DeepFM's own submodules
-    and :func:`models.deepfm.fm_second_order`; only the table lookup and pooling are re-expressed
+    The head (first order, dense projection, FM, deep MLP) is the trained DeepFM's own
+    :class:`models.deepfm.DeepFMHead`; only the table lookup and pooling are re-expressed
     on padded tensors (TorchRec's KeyedJaggedTensor and FBGEMM kernels do not belong in a program a
     server loads without our training stack).
     """
@@ -88,8 +88,6 @@ class RankingProgram(nn.Module):
             raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
         cfg = model.config
         self.precision = precision
-        self.embedding_dim = cfg.embedding_dim
-        self.has_dense = model.has_dense
         # (feature, table, multi-valued, mean pooling) in the model's feature order
         self.layout: list[tuple[str, str, bool, bool]] = []
         for table in cfg.tables():
@@ -100,11 +98,7 @@ class RankingProgram(nn.Module):
                 self.layout.append((feature, table.name, feature in cfg.multi_valued, mean))
         order = {name: i for i, name in enumerate(model.feature_names)}
         self.layout.sort(key=lambda entry: order[entry[0]])
-        if self.has_dense:
-            self.dense_arch = copy.deepcopy(model.dense_arch)
-            self.dense_linear = copy.deepcopy(model.dense_linear)
-        self.deep = copy.deepcopy(model.deep)
-        self.bias = nn.Parameter(model.bias.detach().clone())
+        self.head = copy.deepcopy(model.head)
 
     def _register_table(self, name: str, weight: torch.Tensor) -> None:
         if self.precision == "fp32":
@@ -127,7 +121,6 @@ class RankingProgram(nn.Module):
         return rows.float() * getattr(self, f"scale_{table}")[ids] + getattr(self, f"offset_{table}")[ids]
 
     def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
-        d = self.embedding_dim
         pooled: list[torch.Tensor] = []
         for i, (_, table, multi, mean) in enumerate(self.layout):
             ids = sparse[i]
@@ -138,15 +131,7 @@ class RankingProgram(nn.Module):
                 pooled.append(total / mask.sum(dim=1).clamp(min=1.0) if mean else total)
             else:
                 pooled.append(self._rows(table, ids))
-        fields = [e[:, :d] for e in pooled]
-        first_order = torch.stack([e[:, d:].sum(dim=1) for e in pooled], dim=1).sum(dim=1)
-        logit = self.bias + first_order
-        if self.has_dense:
-            fields.insert(0, self.dense_arch(dense))
-            logit = logit + self.dense_linear(dense).squeeze(1)
-        logit = logit + fm_second_order(torch.stack(fields, dim=1))
-        logit = logit + self.deep(torch.cat(fields, dim=1)).squeeze(1)
-        return torch.sigmoid(logit)
+        return torch.sigmoid(self.head(pooled, dense))
 
 
 def quantize_rowwise_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -369,7 +354,7 @@ def build_feature_spec(
         "dataset": ds.name,
         "model": "deepfm",
         "precision": program.precision,
-        "embedding_dim": program.embedding_dim,
+        "embedding_dim": program.head.embedding_dim,
         "inputs": {
             "signature": "forward(dense, sparse) -> probability",
             "dense": {"dtype": "float32", "shape": ["batch", len(schema.dense)], "names": list(schema.dense)},
