@@ -15,3 +15,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not available at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in synthetic world, preset ``tiny`` (read-only: tests train on it, never write it)."""
+    from data.synthetic import prepare_synthetic
+
+    return prepare_synthetic(tmp_path_factory.mktemp("data") / "tiny", "tiny", seed=0)

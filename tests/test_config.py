@@ -19,13 +19,6 @@ from trainer.sharding import ConfigError, ShardingConfig, TableSharding, make_pl
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.synthetic import prepare_synthetic
-
-    return prepare_synthetic(tmp_path_factory.mktemp("cfg") / "tiny", "tiny", seed=0)
-
-
 def big_model() -> DeepFM:
     cfg = DeepFMConfig(sparse_features={"user": 3_000_000, "item": 1000}, num_dense=0, embedding_dim=60)
     return DeepFM(cfg, device=torch.device("meta"))

@@ -94,13 +94,6 @@ def write_config(path: Path, dataset: Path, run_dir: Path, **sections: dict) -> 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.synthetic import prepare_synthetic
-
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def two_rank_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-rank training run shared by several tests."""
     d = tmp_path_factory.mktemp("run2")

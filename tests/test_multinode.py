@@ -90,13 +90,6 @@ def two_nodes(config: Path, logs: Path, *extra: str, env: dict[str, str] | None 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.synthetic import prepare_synthetic
-
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def two_node_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     d = tmp_path_factory.mktemp("two-nodes")
     config = write_config(d / "cfg.yaml", world, d / "run")

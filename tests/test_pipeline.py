@@ -26,13 +26,6 @@ LOOP = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.synthetic import prepare_synthetic
-
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def plain_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("plain")
     cfg = write_config(d / "cfg.yaml", world, d / "run", trainer={**LOOP, "pipeline": "off"})
