@@ -23,7 +23,7 @@ server to rebuild every CTR feature from raw values.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -494,6 +494,18 @@ def _feature_spec(side: list[SideFeature], users: IdField, items: IdField) -> li
 # -- entry points per source ---------------------------------------------------------------------
 
 
+def _prepare_from(
+    read: Callable[[BadRows], Any], out: Path, *, skip_bad_rows: bool, overwrite: bool, **tables: Any
+) -> PrepareResult:
+    """Check ``out``, read the source (``read(bad_rows)``), write the tables; timed end to end."""
+    started = time.perf_counter()
+    check_out(out, overwrite)
+    raw = read(BadRows(skip=skip_bad_rows))
+    result = prepare_tables(raw, out, overwrite=overwrite, **tables)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
 def prepare_movielens(
     input_dir: Path,
     out: Path,
@@ -510,21 +522,17 @@ def prepare_movielens(
     """MovieLens directory (any release) -> prepared dataset with users/items/ctr tables."""
     from data.movielens import movielens_features, read_movielens
 
-    started = time.perf_counter()
-    check_out(out, overwrite)
-    raw = read_movielens(input_dir, ratings_file=ratings_file, bad_rows=BadRows(skip=skip_bad_rows))
-    result = prepare_tables(
-        movielens_features(raw),
+    return _prepare_from(
+        lambda bad: movielens_features(read_movielens(input_dir, ratings_file=ratings_file, bad_rows=bad)),
         out,
+        skip_bad_rows=skip_bad_rows,
+        overwrite=overwrite,
         split=split,
         ctr_split=ctr_split,
         fractions=fractions,
         seed=seed,
-        overwrite=overwrite,
         name=name,
     )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def prepare_sasrec(
@@ -541,14 +549,16 @@ def prepare_sasrec(
     """SASRec ``user item`` file -> interactions + sequences (leave-one-out by default)."""
     from data.sequences import read_sasrec
 
-    started = time.perf_counter()
-    check_out(out, overwrite)
-    raw = read_sasrec(path, bad_rows=BadRows(skip=skip_bad_rows))
-    result = prepare_tables(
-        raw, out, split=split, fractions=fractions, seed=seed, overwrite=overwrite, name=name
+    return _prepare_from(
+        lambda bad: read_sasrec(path, bad_rows=bad),
+        out,
+        skip_bad_rows=skip_bad_rows,
+        overwrite=overwrite,
+        split=split,
+        fractions=fractions,
+        seed=seed,
+        name=name,
     )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def prepare_user_items(
@@ -567,16 +577,16 @@ def prepare_user_items(
     """One-line-per-user file (optionally with its test file, which then fixes the split)."""
     from data.sequences import read_user_items
 
-    started = time.perf_counter()
-    check_out(out, overwrite)
-    raw = read_user_items(
-        path, test_path=test_path, one_based=one_based, bad_rows=BadRows(skip=skip_bad_rows)
+    return _prepare_from(
+        lambda bad: read_user_items(path, test_path=test_path, one_based=one_based, bad_rows=bad),
+        out,
+        skip_bad_rows=skip_bad_rows,
+        overwrite=overwrite,
+        split=split,
+        fractions=fractions,
+        seed=seed,
+        name=name,
     )
-    result = prepare_tables(
-        raw, out, split=split, fractions=fractions, seed=seed, overwrite=overwrite, name=name
-    )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def prepare_tabular(
@@ -601,31 +611,30 @@ def prepare_tabular(
     """Generic CSV/Parquet interactions with named columns."""
     from data.tabular import read_tabular
 
-    started = time.perf_counter()
-    check_out(out, overwrite)
-    raw = read_tabular(
-        path,
-        user_col=user_col,
-        item_col=item_col,
-        time_col=time_col,
-        rating_col=rating_col,
-        label_col=label_col,
-        sep=sep,
-        bad_rows=BadRows(skip=skip_bad_rows),
-    )
-    result = prepare_tables(
-        raw,
+    def read(bad: BadRows) -> Any:
+        return read_tabular(
+            path,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
+            rating_col=rating_col,
+            label_col=label_col,
+            sep=sep,
+            bad_rows=bad,
+        )
+
+    return _prepare_from(
+        read,
         out,
+        skip_bad_rows=skip_bad_rows,
+        overwrite=overwrite,
         split=split,
         ctr_split=ctr_split,
         fractions=fractions,
         seed=seed,
         hash_buckets=hash_buckets,
-        overwrite=overwrite,
         name=name,
     )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 # -- inspection ----------------------------------------------------------------------------------

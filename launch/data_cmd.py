@@ -131,40 +131,22 @@ def _report(result: Any) -> None:
     print(result.report())
 
 
+def _common_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options :func:`_common` added, as keyword arguments of the ``prepare_*`` functions."""
+    keys = ("out", "name", "split", "ctr_split", "fractions", "seed", "skip_bad_rows", "overwrite")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
 def _prepare_movielens(args: argparse.Namespace) -> None:
     from data.prepare import prepare_movielens
 
-    _report(
-        prepare_movielens(
-            args.input,
-            args.out,
-            ratings_file=args.ratings,
-            split=args.split,
-            ctr_split=args.ctr_split,
-            fractions=args.fractions,
-            seed=args.seed,
-            skip_bad_rows=args.skip_bad_rows,
-            overwrite=args.overwrite,
-            name=args.name,
-        )
-    )
+    _report(prepare_movielens(args.input, ratings_file=args.ratings, **_common_values(args)))
 
 
 def _prepare_sasrec(args: argparse.Namespace) -> None:
     from data.prepare import prepare_sasrec
 
-    _report(
-        prepare_sasrec(
-            args.input,
-            args.out,
-            split=args.split,
-            fractions=args.fractions,
-            seed=args.seed,
-            skip_bad_rows=args.skip_bad_rows,
-            overwrite=args.overwrite,
-            name=args.name,
-        )
-    )
+    _report(prepare_sasrec(args.input, **_common_values(args)))
 
 
 def _prepare_user_items(args: argparse.Namespace) -> None:
@@ -172,16 +154,7 @@ def _prepare_user_items(args: argparse.Namespace) -> None:
 
     _report(
         prepare_user_items(
-            args.input,
-            args.out,
-            test_path=args.test_file,
-            one_based=args.one_based,
-            split=args.split,
-            fractions=args.fractions,
-            seed=args.seed,
-            skip_bad_rows=args.skip_bad_rows,
-            overwrite=args.overwrite,
-            name=args.name,
+            args.input, test_path=args.test_file, one_based=args.one_based, **_common_values(args)
         )
     )
 
@@ -192,17 +165,11 @@ def _prepare_criteo(args: argparse.Namespace) -> None:
     _report(
         prepare_criteo(
             args.input,
-            args.out,
             hash_buckets=args.hash_buckets,
             min_count=args.min_count,
             test_file=args.test_file,
-            ctr_split=args.ctr_split,
-            fractions=args.fractions,
-            seed=args.seed,
-            skip_bad_rows=args.skip_bad_rows,
-            overwrite=args.overwrite,
             block_bytes=args.block_mb << 20,
-            name=args.name,
+            **_common_values(args),
         )
     )
 
@@ -214,7 +181,6 @@ def _prepare_tabular(args: argparse.Namespace) -> None:
     _report(
         prepare_tabular(
             args.input,
-            args.out,
             user_col=args.user_col,
             item_col=args.item_col,
             time_col=args.time_col,
@@ -222,13 +188,7 @@ def _prepare_tabular(args: argparse.Namespace) -> None:
             label_col=args.label_col,
             sep=args.sep,
             hash_buckets=buckets,
-            split=args.split,
-            ctr_split=args.ctr_split,
-            fractions=args.fractions,
-            seed=args.seed,
-            skip_bad_rows=args.skip_bad_rows,
-            overwrite=args.overwrite,
-            name=args.name,
+            **_common_values(args),
         )
     )
 
