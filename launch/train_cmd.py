@@ -44,6 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rdzv-endpoint node0:29500 --max-restarts 3 --resume auto",
     )
     parser.add_argument("model", metavar="MODEL", help="recipe name: deepfm, two_tower, sasrec, ...")
+    _launch_arguments(parser)
+    parser.add_argument(
+        "--max-restarts", type=int, default=0, help="worker-group restarts before the job fails (default 0)"
+    )
+    parser.add_argument("--resume", help="'auto' (last checkpoint of run_dir, if any) or a checkpoint")
+    parser.add_argument("--init-from", metavar="CKPT", help="take initial weights from CKPT")
+    parser.add_argument("--evaluate", metavar="CKPT", help="only test CKPT, do not train")
+    parser.set_defaults(func=run, command_name="train")
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="test a checkpoint on any number of processes (the same as `funnel train --evaluate`)",
+        description="Load a sharded checkpoint (written by any world size) and run the recipe's test "
+        "metrics; writes <run_dir>/evaluation.json.",
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="recipe name: deepfm, two_tower, sasrec, ...")
+    evaluate.add_argument("evaluate", metavar="CHECKPOINT", help="checkpoint directory to test")
+    _launch_arguments(evaluate)
+    evaluate.set_defaults(func=run, command_name="evaluate", max_restarts=0, resume=None, init_from=None)
+
+
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
     parser.add_argument(
         "--nproc-per-node", type=int, default=None, help="processes on this node (default: its GPUs, or 1)"
@@ -53,12 +75,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's rendezvous address")
     parser.add_argument("--rdzv-id", help="job id, the same on every node (default: funnel-MODEL)")
     parser.add_argument(
-        "--max-restarts", type=int, default=0, help="worker-group restarts before the job fails (default 0)"
-    )
-    parser.add_argument("--resume", help="'auto' (last checkpoint of run_dir, if any) or a checkpoint")
-    parser.add_argument("--init-from", metavar="CKPT", help="take initial weights from CKPT")
-    parser.add_argument("--evaluate", metavar="CKPT", help="only test CKPT, do not train")
-    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -67,7 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set trainer.max_epochs=2 (repeatable)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         command = build_command(args)
         check_model_and_config(args)
     except LaunchError as e:
-        print(f"funnel train: error: {e}", file=sys.stderr)
+        print(f"funnel {args.command_name}: error: {e}", file=sys.stderr)
         return 2
     env = launch_env(args)
     shown = [f"{k}={v}" for k, v in env.items()]
-    print(f"funnel train: {shlex.join(shown + command)}", flush=True)
+    print(f"funnel {args.command_name}: {shlex.join(shown + command)}", flush=True)
     if args.dry_run:
         return 0
     return execute(command, env)

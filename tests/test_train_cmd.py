@@ -162,3 +162,17 @@ def test_torchrun_failure_streams_through_and_sets_the_exit_code(tmp_path):
     assert out.startswith("funnel train: ")
     assert "is not a prepared dataset and data.prepare is not set" in err
     assert proc.returncode == 1  # torchrun's code for a failed worker group
+
+
+def test_funnel_evaluate_is_train_with_evaluate(capsys, tmp_path):
+    ckpt = tmp_path / "final.ckpt"
+    ckpt.mkdir()
+    argv = ["evaluate", "deepfm", str(ckpt), "--config", CONFIG, "--nproc-per-node", "2", "--dry-run"]
+    assert funnel_main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("funnel evaluate: ")
+    torchrun, trainer = split(shlex.split(line.removeprefix("funnel evaluate: ")))
+    assert torchrun == ["--nproc-per-node=2", "--standalone", "--max-restarts=0"]
+    assert trainer == ["-m", "trainer", "--model", "deepfm", "--config", CONFIG, "--evaluate", str(ckpt)]
+    assert funnel_main(["evaluate", "deepfm", str(tmp_path / "absent"), "--config", CONFIG, "--dry-run"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
