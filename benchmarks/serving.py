@@ -1,6 +1,7 @@
 """Serving latency and throughput: a 25,000-item bundle behind `funnel serve`, loaded by a separate process.
 
     python benchmarks/serving.py [--work-dir runs/bench-serving] [--duration 15] [--concurrency 1 16 64]
+        [--label after] [--append] [--server-arg=--max-batch=32 ...] [--server-repo DIR]
 
 Builds (once; reused when present) a synthetic world with a 25K-item catalog, trains DeepFM and the
 two-tower model briefly on 2 ranks, exports the ranking and retrieval artifacts and the bundle,
@@ -9,10 +10,14 @@ starts ``funnel serve`` on a loopback port, then runs the load generator (this s
 one keep-alive connection, sending ``POST /recommend`` for a mix of known users (80%) and
 cold-start users with recent items (20%), k=10, diversity 0.2. Reports end-to-end latency
 (client-side p50/p95/p99), requests/s, and the server's per-stage latencies (from each response's
-``latency_ms``). Prints a table and writes ``benchmarks/results/serving.json``.
+``latency_ms``: queue, retrieval, ranking, rerank, total, and the batch each request ran in), and
+the CPU time the server and the load generator spent per request (from ``/proc`` and ``getrusage``:
+unlike latency, it barely moves when other jobs compete for the cores). Prints a table and writes
+``benchmarks/results/serving.json``; with ``--append`` the run is added to the file's ``runs``.
 
 Both processes share this machine's cores: the load generator is a minimal asyncio HTTP/1.1 client
-so that it takes as little CPU from the server as possible.
+so that it takes as little CPU from the server as possible. ``--server-repo`` serves from another
+checkout (e.g. ``git archive`` of an older commit) with the same load generator: before/after runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -34,7 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "serving.json"
-STAGES = ("retrieval", "ranking", "rerank", "total")
+STAGES = ("queue", "retrieval", "ranking", "rerank", "total")
 
 WORLD = dict(
     name="synthetic-25k", num_users=20_000, num_items=25_000, num_interactions=600_000, ctr_rows=400_000,
@@ -199,24 +205,41 @@ async def _client(
             if status != 200:
                 errors.append(f"{status}: {payload[:200]!r}")
                 continue
-            out.append((elapsed, json.loads(payload)["latency_ms"]))
+            answer = json.loads(payload)
+            out.append((elapsed, {**answer["latency_ms"], "batch": answer.get("batch", 1)}))
     finally:
         writer.close()
 
 
 async def _load(
     url: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float
-) -> tuple[list[tuple[float, dict]], list[str], float]:
+) -> tuple[list[tuple[float, dict]], list[str], float, float]:
+    """(latencies, errors, wall seconds, this process's CPU seconds) of the measured window."""
     host, port = url.split("//")[1].split(":")
     await _drive(host, int(port), bodies, concurrency, warmup)  # connections, caches and pools warm up
     out: list[tuple[float, dict]] = []
     errors: list[str] = []
+    cpu = _own_cpu()
     started = time.perf_counter()
     deadline = started + duration
     await asyncio.gather(
         *[_client(host, int(port), bodies, deadline, out, errors, seed=i) for i in range(concurrency)]
     )
-    return out, errors, time.perf_counter() - started
+    return out, errors, time.perf_counter() - started, _own_cpu() - cpu
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` and its children so far; None without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 async def _drive(host: str, port: int, bodies: list[bytes], concurrency: int, duration: float) -> None:
@@ -243,7 +266,8 @@ def _pcts(values: list[float]) -> dict[str, float]:
 def loadgen(args: argparse.Namespace) -> None:
     bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines() if line]
     concurrency = args.concurrency[0]
-    out, errors, wall = asyncio.run(_load(args.url, bodies, concurrency, args.duration, args.warmup))
+    out, errors, wall, cpu = asyncio.run(_load(args.url, bodies, concurrency, args.duration, args.warmup))
+    stages = [s for s in STAGES if out and all(s in lat for _, lat in out)]  # older servers: no queue
     result = {
         "concurrency": concurrency,
         "requests": len(out),
@@ -252,7 +276,9 @@ def loadgen(args: argparse.Namespace) -> None:
         "seconds": wall,
         "requests_per_s": len(out) / wall,
         "end_to_end_ms": _pcts([1000 * e for e, _ in out]) if out else {},
-        "server_stage_ms": {s: _pcts([lat[s] for _, lat in out]) for s in STAGES} if out else {},
+        "server_stage_ms": {s: _pcts([lat[s] for _, lat in out]) for s in stages},
+        "batch_size": _pcts([lat["batch"] for _, lat in out]) if out else {},
+        "loadgen_cpu_ms_per_request": 1000 * cpu / max(len(out), 1),
     }
     Path(args.out).write_text(json.dumps(result))
 
@@ -283,6 +309,74 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _tree_cpu(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and every live descendant (uvicorn workers); None without /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [c for c, p in parents.items() if p == parent]
+        tree += children
+        frontier += children
+    values = [v for v in map(_process_cpu, tree) if v is not None]
+    return sum(values) if values else None
+
+
+def _wait_ready(server: subprocess.Popen[str], url: str) -> None:
+    import httpx
+
+    deadline = time.time() + 180
+    while True:
+        if server.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"server did not start:\n{server.stdout.read() if server.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
+def _level(args: argparse.Namespace, url: str, bodies_path: Path, c: int, server_pid: int) -> dict[str, Any]:
+    """One concurrency level: the load generator's result plus the server's CPU time per request."""
+    out = args.work_dir / f"loadgen-{c}.json"
+    load_before = os.getloadavg()[0]
+    cpu_before = _tree_cpu(server_pid)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--loadgen",
+            "--url",
+            url,
+            "--bodies",
+            str(bodies_path),
+            "--concurrency",
+            str(c),
+            "--duration",
+            str(args.duration),
+            "--warmup",
+            str(args.warmup),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=_env(),
+    )
+    cpu_after = _tree_cpu(server_pid)
+    r: dict[str, Any] = json.loads(out.read_text())
+    r["load_average_1m_before"] = round(load_before, 2)
+    if cpu_before is not None and cpu_after is not None:
+        # the warm-up's requests are not counted in r["requests"]: scale them in by time
+        served = r["requests"] * (args.duration + args.warmup) / args.duration
+        r["server_cpu_ms_per_request"] = 1000 * (cpu_after - cpu_before) / max(served, 1)
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-serving")
@@ -290,8 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument(
-        "--threads", type=int, default=4, help="the server's handler threads (funnel serve --threads)"
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `funnel serve` argument, repeatable (e.g. --server-arg=--max-batch=16)",
     )
+    p.add_argument(
+        "--server-repo",
+        type=Path,
+        default=REPO,
+        help="checkout whose `funnel serve` runs (default this one; e.g. a `git archive` of an older commit)",
+    )
+    p.add_argument("--label", default="", help="name of this run in the results file")
+    p.add_argument("--append", action="store_true", help="add this run to the results file's runs")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -306,69 +411,24 @@ def main(argv: list[str] | None = None) -> int:
     bodies_path.write_text("\n".join(_bodies(bundle)))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "launch", "serve", str(bundle), "--port", str(port), *args.server_arg]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "launch",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--threads",
-            str(args.threads),
-        ],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, cwd=args.server_repo, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     levels: dict[str, Any] = {}
     load_before = os.getloadavg()
     try:
-        import httpx
-
-        deadline = time.time() + 180
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start:\n{server.stdout.read() if server.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_ready(server, url)
         for c in args.concurrency:
-            out = args.work_dir / f"loadgen-{c}.json"
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--loadgen",
-                    "--url",
-                    url,
-                    "--bodies",
-                    str(bodies_path),
-                    "--concurrency",
-                    str(c),
-                    "--duration",
-                    str(args.duration),
-                    "--warmup",
-                    str(args.warmup),
-                    "--out",
-                    str(out),
-                ],
-                check=True,
-                env=_env(),
-            )
-            levels[str(c)] = json.loads(out.read_text())
-            r = levels[str(c)]
+            r = levels[str(c)] = _level(args, url, bodies_path, c, server.pid)
             e2e, st = r["end_to_end_ms"], r["server_stage_ms"]
             print(
-                f"concurrency {c:>3}: {r['requests_per_s']:8.1f} req/s  end-to-end p50 {e2e['p50']:6.2f}  "
-                f"p95 {e2e['p95']:6.2f}  p99 {e2e['p99']:6.2f} ms  | server p50 retrieval "
-                f"{st['retrieval']['p50']:.2f} ranking {st['ranking']['p50']:.2f} "
-                f"rerank {st['rerank']['p50']:.2f} total {st['total']['p50']:.2f} ms  errors {r['errors']}",
+                f"concurrency {c:>3} (load {r['load_average_1m_before']:.2f}): "
+                f"{r['requests_per_s']:7.1f} req/s  end-to-end p50 {e2e['p50']:6.2f}  p95 {e2e['p95']:6.2f}  "
+                f"p99 {e2e['p99']:6.2f} ms  | server p50 "
+                + " ".join(f"{s} {v['p50']:.2f}" for s, v in st.items())
+                + f" ms  batch mean {r['batch_size']['mean']:.1f}  server cpu/request "
+                f"{r.get('server_cpu_ms_per_request', float('nan')):.2f} ms  errors {r['errors']}",
                 flush=True,
             )
     finally:
@@ -377,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-    result = {
-        "benchmark": "serving",
+    run = {
+        "label": args.label,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
@@ -389,11 +449,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         "bundle": {"path": str(bundle), **info},
         "request_mix": "80% known users, 20% cold start with 5 recent items; k=10, diversity 0.2",
-        "server": f"funnel serve (uvicorn, 1 process, {args.threads} handler threads, torch/faiss 1 thread "
-        "per call), on the same machine as the load generator",
+        "server": {
+            "command": ["funnel", "serve", "BUNDLE", *args.server_arg],
+            "repo": str(args.server_repo),
+            "note": "one machine: the load generator and other jobs share the server's cores",
+        },
         "duration_s": args.duration,
         "levels": levels,
+    }
+    runs: list[dict[str, Any]] = []
+    if args.append and args.out.is_file():
+        runs = json.loads(args.out.read_text()).get("runs", [])
+    result = {
+        "benchmark": "serving",
         "targets_ms": {"p99_budget": 150, "aim_p99_at_16_clients": 15},
+        "runs": [*runs, run],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

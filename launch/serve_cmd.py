@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -25,13 +26,20 @@ def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is privat
         "--torch-threads",
         type=int,
         default=1,
-        help="intra-op threads per model call (default 1: requests run in parallel instead)",
+        help="torch intra-op and FAISS OpenMP threads of the compute thread (default 1)",
     )
     p.add_argument(
-        "--threads",
+        "--max-batch",
         type=int,
-        default=4,
-        help="request handler threads (default 4; more only contend for the GIL)",
+        default=32,
+        help="most /recommend requests computed together in one batch (default 32; 1 = no batching)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="under concurrency, how long the oldest queued request waits for others to join its batch "
+        "(default 2.0; 0 = only batch what is already queued)",
     )
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies get 413")
     p.add_argument("--max-candidates", type=int, default=300, help="candidates ranked per request")
@@ -41,22 +49,35 @@ def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is privat
 
 
 def serve(args: argparse.Namespace) -> int:
-    for flag in ("port", "torch_threads", "threads", "max_body_bytes", "max_candidates", "per_source"):
+    for flag in ("port", "torch_threads", "max_batch", "max_body_bytes", "max_candidates", "per_source"):
         value = getattr(args, flag)
         if value < (0 if flag == "port" else 1) or (flag == "port" and value > 65535):
             print(f"error: --{flag.replace('_', '-')} {value} is out of range", file=sys.stderr)
             return 2
+    if not 0 <= args.batch_wait_ms <= 1000:
+        print(f"error: --batch-wait-ms {args.batch_wait_ms} is out of range [0, 1000]", file=sys.stderr)
+        return 2
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # BLAS and OpenMP libraries size their thread pools from these when they load (numpy's OpenBLAS
+    # would otherwise start one thread per core and spin them next to the compute thread)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.torch_threads)
     import faiss
     import torch
     import uvicorn
 
     from serving.app import create_app
+    from serving.batching import BatchConfig
     from serving.bundle import BundleError
     from serving.funnel import Funnel, FunnelConfig
 
+    # the compute thread sets both again for itself (OpenMP settings are per thread); these cover the
+    # smoke-test requests of loading and reloading
     torch.set_num_threads(args.torch_threads)
     faiss.omp_set_num_threads(args.torch_threads)
+    batching = BatchConfig(
+        max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.torch_threads
+    )
     config = FunnelConfig(per_source=args.per_source, max_candidates=args.max_candidates)
     try:
         funnel = Funnel.load(args.bundle, config)
@@ -69,7 +90,7 @@ def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     uvicorn.run(
-        create_app(funnel, config, args.max_body_bytes, args.threads),
+        create_app(funnel, config, args.max_body_bytes, batching),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

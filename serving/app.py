@@ -1,19 +1,24 @@
 """The HTTP API (FastAPI): ``/recommend``, ``/similar/{item_id}``, health, metrics and hot reload.
 
 Robustness rules: bodies over ``max_body_bytes`` get 413 before they are parsed; any invalid input
-gets a 4xx whose ``error`` names the field; nothing a client sends may produce a 5xx. Handlers are
-plain ``def`` functions, run by the server's thread pool: the model and index calls release the GIL,
-so concurrent requests overlap on the cores.
+gets a 4xx whose ``error`` names the field; nothing a client sends may produce a 5xx.
+
+Concurrency: the handlers are ``async`` and do only HTTP work on the event loop (parse, validate,
+encode the answer); every model and index call runs on the :class:`~serving.batching.Batcher`'s one
+compute thread, which batches concurrent ``/recommend`` requests into one pass through the funnel
+(see ``serving/batching.py``). Compute therefore never runs on more threads than configured, however
+many requests are in flight.
 
 Hot reload (``POST /admin/reload {"path": ...}``) loads and verifies the new bundle completely
 (checksums, format version, every model, one smoke-test request) on a pool thread while the old
-bundle keeps serving, then swaps one reference; requests already running finish on the bundle
-they started with. A bundle that fails any check is refused with 422 and the reason; a reload
-while another is in progress gets 409.
+bundle keeps serving, then swaps one reference; requests already submitted finish on the bundle
+they started with (a batch never mixes bundles). A bundle that fails any check is refused with 422
+and the reason; a reload while another is in progress gets 409.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -22,13 +27,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import anyio
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.batching import BatchConfig, Batcher
 from serving.bundle import BundleError
 from serving.funnel import STAGES, Funnel, FunnelConfig, RecommendRequest, RequestError
 from serving.metrics import Metrics
@@ -38,7 +43,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
 MAX_LIST = 500
-DEFAULT_THREADS = 4
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -101,7 +105,10 @@ class RecommendResponse(BaseModel):
     candidates: int
     sources: dict[str, int] = Field(description="candidates each retrieval source proposed")
     bundle: str = Field(description="version of the bundle that answered")
-    latency_ms: dict[str, float] = Field(description="retrieval, ranking, rerank, total")
+    batch: int = Field(description="requests computed together with this one (cross-request batching)")
+    latency_ms: dict[str, float] = Field(
+        description="queue (waiting for the batch), retrieval, ranking, rerank (of the batch), total"
+    )
 
 
 class ReloadBody(BaseModel):
@@ -223,9 +230,10 @@ class RequestMetrics:
 class ServerState:
     """The bundle being served (swapped whole on reload) and what the endpoints share."""
 
-    def __init__(self, funnel: Funnel, config: FunnelConfig) -> None:
+    def __init__(self, funnel: Funnel, config: FunnelConfig, batching: BatchConfig) -> None:
         self.funnel = funnel
         self.config = config
+        self.batcher = Batcher(batching)
         self.metrics = Metrics()
         self.metrics.set_bundle(funnel.version, str(funnel.root))
         self.reload_lock = threading.Lock()
@@ -235,20 +243,21 @@ def create_app(
     funnel: Funnel,
     config: FunnelConfig | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
-    threads: int = DEFAULT_THREADS,
+    batching: BatchConfig | None = None,
 ) -> Any:
     """The ASGI application serving ``funnel`` (wrapped in the body-limit and metrics middleware).
 
-    ``threads`` caps the pool that runs the handlers: a few threads keep the cores busy (model and
-    index calls release the GIL), many would only contend for the GIL and stretch every request;
-    requests beyond it wait their turn in arrival order.
+    ``batching`` sets the compute thread: batch size, batching window, torch/FAISS threads.
     """
-    state = ServerState(funnel, config or funnel.config)
+    state = ServerState(funnel, config or funnel.config, batching or BatchConfig())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
-        yield
+        state.batcher.start()
+        try:
+            yield
+        finally:
+            state.batcher.close()
 
     app = FastAPI(
         title="funnel serving",
@@ -295,17 +304,19 @@ def create_app(
         response_class=JSONResponse,
         responses={200: {"model": RecommendResponse}},
     )
-    def recommend(body: RecommendBody) -> Response:
-        funnel = state.funnel
-        result = funnel.recommend(RecommendRequest(**body.model_dump()))
-        state.metrics.stages(result["latency_ms"], (*STAGES, "total"))
+    async def recommend(body: RecommendBody) -> Response:
+        request = RecommendRequest(**body.model_dump())
+        # a RequestError comes back through the future and becomes a 422 naming the field
+        result = await asyncio.wrap_future(state.batcher.submit(state.funnel, request))
+        state.metrics.stages(result["latency_ms"], ("queue", *STAGES, "total"))
+        state.metrics.batch(result["batch"])
         # encoded here: FastAPI's generic response serialisation costs more than the re-ranking
         return Response(json.dumps(result), media_type="application/json")
 
     @app.get(
         "/similar/{item_id}", summary="Items most similar to an item (cosine of the bundle's item vectors)"
     )
-    def similar(
+    async def similar(
         item_id: Annotated[str, Path(max_length=MAX_ID_CHARS)],
         k: Annotated[int, Query(ge=1, le=200)] = 10,
     ) -> Any:
@@ -317,24 +328,24 @@ def create_app(
             except ValueError:
                 return _error(404, "item_id", f"unknown item {item_id!r}")
         try:
-            return funnel.similar(key, k)
+            return await asyncio.wrap_future(state.batcher.call(lambda: funnel.similar(key, k)))
         except KeyError:
             return _error(404, "item_id", f"unknown item {item_id!r}")
 
     @app.get("/healthz", summary="Liveness")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: a verified bundle is loaded")
-    def readyz() -> dict[str, Any]:
+    async def readyz() -> dict[str, Any]:
         return {"status": "ready", "bundle": state.funnel.info}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
+    async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/reload", summary="Verify and atomically swap in another bundle")
-    def reload(body: ReloadBody) -> Any:
+    def reload(body: ReloadBody) -> Any:  # sync: the verification runs on a pool thread, off the loop
         if not state.reload_lock.acquire(blocking=False):
             return _error(409, "path", "another reload is in progress", serving=state.funnel.version)
         try:

@@ -22,6 +22,11 @@ a whole new one in while in-flight requests finish on the old one). A request go
 
 Unknown users (no ``user_id``, or an id the bundle does not know) are never an error: they get the
 cold-start path (trending plus what their recent items and features suggest).
+
+:meth:`Funnel.recommend_many` runs several requests through the stages together (the server's
+compute thread batches concurrent requests, ``serving/batching.py``): one encoder call and one
+index search per retrieval source, one ranking call over all their candidates; blending and MMR stay
+per request. :meth:`Funnel.recommend` is a batch of one, so there is one implementation of the path.
 """
 
 from __future__ import annotations
@@ -176,34 +181,40 @@ class Retriever:
             return len(user.recent) > 0
         return user.index > 0 or len(user.recent) > 0 or user.given_features
 
-    def query(self, user: UserContext) -> np.ndarray:
+    def query(self, users: Sequence[UserContext]) -> np.ndarray:
+        """Query vectors ``[len(users), dim]``: one encoder call for all of them."""
         assert self.module is not None
         args = []
         for name in self.inputs:
             if name == "user_features":
-                row = [
-                    user.index if c == "user" else _scalar(user.sparse.get(c, 0)) for c in self.user_columns
+                rows = [
+                    [u.index if c == "user" else _scalar(u.sparse.get(c, 0)) for c in self.user_columns]
+                    for u in users
                 ]
-                args.append(torch.tensor([row], dtype=torch.int64).reshape(1, len(self.user_columns)))
+                args.append(torch.tensor(rows, dtype=torch.int64).reshape(len(users), len(self.user_columns)))
             else:
                 length = self._length(name, 20 if name == "history" else 50)
-                recent = user.recent[-length:]
-                seq = np.zeros((1, length), dtype=np.int64)
-                if name == "history":
-                    seq[0, : len(recent)] = recent
-                else:  # sequence models read a left-padded sequence, newest item last
-                    seq[0, length - len(recent) :] = recent
+                seq = np.zeros((len(users), length), dtype=np.int64)
+                for i, u in enumerate(users):
+                    recent = u.recent[-length:]
+                    if name == "history":
+                        seq[i, : len(recent)] = recent
+                    else:  # sequence models read a left-padded sequence, newest item last
+                        seq[i, length - len(recent) :] = recent
                 args.append(torch.from_numpy(seq))
         with torch.inference_mode():
             return self.module(*args).float().numpy()
 
-    def search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, rows = self.index.search(np.ascontiguousarray(query, dtype=np.float32), n)
-        rows, scores = rows[0], scores[0]
-        ok = rows >= 0
-        items = self.row_item[rows[ok]]
-        known = items > 0
-        return items[known], scores[ok][known]
+    def search(self, queries: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``n`` nearest items of each query row (one index search), as (item indices, scores)."""
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        out = []
+        for row, score in zip(rows, scores, strict=True):
+            ok = row >= 0
+            items = self.row_item[row[ok]]
+            known = items > 0
+            out.append((items[known], score[ok][known]))
+        return out
 
 
 class Funnel:
@@ -358,56 +369,90 @@ class Funnel:
         return UserContext(index, sparse, dense, recent, bool(req.user_features), bool(len(sent)))
 
     # -- retrieval -------------------------------------------------------------------------------
-    def _retrieve(self, user: UserContext, exclude: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _retrieve(
+        self, reqs: Sequence[RecommendRequest], users: Sequence[UserContext], excludes: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Each request's candidates and per-source scores; one encoder call and one search per source."""
         cfg = self.config
-        lists: list[tuple[str, np.ndarray, np.ndarray]] = []
+        lists: list[list[tuple[str, np.ndarray, np.ndarray]]] = [[] for _ in reqs]
+        retrieving = [i for i, req in enumerate(reqs) if req.candidates is None]
         for r in self.retrievers:
-            if r.wants(user):
-                items, scores = r.search(r.query(user), cfg.per_source)
-                lists.append((r.name, items, scores))
+            who = [i for i in retrieving if r.wants(users[i])]
+            if who:
+                found = r.search(r.query([users[i] for i in who]), cfg.per_source)
+                for i, (items, scores) in zip(who, found, strict=True):
+                    lists[i].append((r.name, items, scores))
         # a session signal (recent items sent with the request) or a cold-start user's only signal;
         # a known user's stored history already feeds the retrieval encoders
-        if len(user.recent) and (user.sent_recent or user.index == 0):
-            seed = self.item_vectors[user.recent[-cfg.similar_recent_items :]].mean(axis=0)
-            if np.any(seed):
-                lists.append((SIMILAR_TO_RECENT, *self.nearest(seed, cfg.per_source)))
-        n_trend = cfg.trending_known if user.index > 0 else cfg.trending_cold
-        lists.append((TRENDING, self.trending[:n_trend], self.trending_scores[:n_trend]))
-        return blend(lists, exclude, cfg.max_candidates, len(self.items))
+        seeds: dict[int, np.ndarray] = {}
+        for i in retrieving:
+            user = users[i]
+            if len(user.recent) and (user.sent_recent or user.index == 0):
+                seed = self.item_vectors[user.recent[-cfg.similar_recent_items :]].mean(axis=0)
+                if np.any(seed):
+                    seeds[i] = seed
+        if seeds:
+            found = self.nearest(np.stack(list(seeds.values())), cfg.per_source)
+            for i, (items, scores) in zip(seeds, found, strict=True):
+                lists[i].append((SIMILAR_TO_RECENT, items, scores))
+        out = []
+        for i, req in enumerate(reqs):
+            if req.candidates is None:
+                n_trend = cfg.trending_known if users[i].index > 0 else cfg.trending_cold
+                lists[i].append((TRENDING, self.trending[:n_trend], self.trending_scores[:n_trend]))
+                out.append(blend(lists[i], excludes[i], cfg.max_candidates, len(self.items)))
+                continue
+            given = self.items.ids.lookup(req.candidates)
+            given = given[given > 0]
+            _, first = np.unique(given, return_index=True)
+            given = given[np.sort(first)]
+            request = [(REQUEST, given, np.arange(len(given), dtype=np.float32))]
+            out.append(blend(request, excludes[i], len(given), len(self.items)))
+        return out
 
     # -- ranking ---------------------------------------------------------------------------------
+    def _rank(
+        self, reqs: Sequence[RecommendRequest], users: Sequence[UserContext], cands: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """p(click) of every request's candidates: one model call over all of them, split back."""
+        counts = np.array([len(c) for c in cands], dtype=np.int64)
+        if not counts.sum():
+            return [np.zeros(0, dtype=np.float32) for _ in cands]
+        dense, sparse = self._inputs(reqs, users, cands, counts)
+        return np.split(self.ranking.score(dense, sparse), np.cumsum(counts)[:-1])
+
     def _inputs(
-        self, user: UserContext, cand: np.ndarray, req: RecommendRequest
+        self,
+        reqs: Sequence[RecommendRequest],
+        users: Sequence[UserContext],
+        cands: Sequence[np.ndarray],
+        counts: np.ndarray,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        n = len(cand)
+        """Model inputs of the concatenated candidates: item columns gathered, request columns repeated."""
+        cand = np.concatenate(cands)
         sparse: list[np.ndarray] = []
         for f in self.ranking.sparse:
-            name, side = f["name"], f["side"]
+            name, side, multi = f["name"], f["side"], f["multi_valued"]
             width = int(f.get("max_len") or 1)
             if side == "item":
                 col = cand if f.get("column") is None else self.items.sparse[name][cand]
             elif side == "user":
-                value = np.asarray(user.index if f.get("column") is None else user.sparse.get(name, 0))
-                col = _repeat(value, n, f["multi_valued"], width)
+                col = _repeat(
+                    [
+                        np.asarray(u.index if f.get("column") is None else u.sparse.get(name, 0))
+                        for u in users
+                    ],
+                    counts,
+                    multi,
+                    width,
+                )
             else:
-                raw = req.context.get(name)
-                if raw is None:
-                    value = np.zeros(width if f["multi_valued"] else (), dtype=np.int64)
-                else:
-                    values = raw if isinstance(raw, list) else [raw]
-                    value = self.ranking.encoders[name].encode(values)
-                    value = value if f["multi_valued"] else value[:1].reshape(())
-                col = _repeat(value, n, f["multi_valued"], width)
-            if f["multi_valued"] and col.shape[1] != width:
+                col = _repeat([self._context_indices(f, req) for req in reqs], counts, multi, width)
+            if multi and col.shape[1] != width:
                 col = _fit_width(col, width)
             sparse.append(col)
-        dense_row = self.ranking.context_dense(
-            {k: v for k, v in req.context.items() if k in self.context_dense}
-        )
-        dense = np.tile(dense_row, (n, 1))
-        for f in self.ranking.dense:
-            if f["side"] == "user" and f["name"] in user.dense:
-                dense[:, f["index"]] = user.dense[f["name"]]
+        rows = np.stack([self._dense_row(req, user) for req, user in zip(reqs, users, strict=True)])
+        dense = np.repeat(rows, counts, axis=0)
         if self.items.dense is not None:
             item_dense = self.items.dense[cand]
             for j, name in enumerate(self.items.dense_names):
@@ -415,6 +460,20 @@ class Funnel:
                 if spec is not None:
                     dense[:, spec["index"]] = item_dense[:, j]
         return dense, sparse
+
+    def _context_indices(self, feature: dict[str, Any], req: RecommendRequest) -> np.ndarray:
+        raw = req.context.get(feature["name"])
+        if raw is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.ranking.encoders[feature["name"]].encode(raw if isinstance(raw, list) else [raw])
+
+    def _dense_row(self, req: RecommendRequest, user: UserContext) -> np.ndarray:
+        """The request- and user-side dense inputs (item-side columns are filled per candidate)."""
+        row = self.ranking.context_dense({k: v for k, v in req.context.items() if k in self.context_dense})
+        for f in self.ranking.dense:
+            if f["side"] == "user" and f["name"] in user.dense:
+                row[f["index"]] = user.dense[f["name"]]
+        return row
 
     def _check_request(self, req: RecommendRequest) -> None:
         for name, value in req.context.items():
@@ -429,34 +488,80 @@ class Funnel:
                 known = sorted([*self.context_dense, *self.context_sparse])
                 raise RequestError(f"context.{name}", f"unknown context feature; known: {known}")
 
+    # -- requests --------------------------------------------------------------------------------
     def recommend(self, req: RecommendRequest) -> dict[str, Any]:
+        """The answer to one request (a batch of one); raises :class:`RequestError`."""
+        answer = self.recommend_many([req])[0]
+        if isinstance(answer, RequestError):
+            raise answer
+        return answer
+
+    def recommend_many(
+        self, reqs: Sequence[RecommendRequest], arrived: Sequence[float] | None = None
+    ) -> list[dict[str, Any] | RequestError]:
+        """The answers to ``reqs``, computed together, in order; a request the bundle cannot serve
+        gets its :class:`RequestError` in its slot and the others are answered.
+
+        Together: one encoder call and one index search per retrieval source, one matrix product
+        for similar_to_recent, one ranking call over every request's candidates. Each answer is the
+        one the request gets alone, up to the float rounding of the batched products (~1e-7).
+        ``arrived`` (``time.perf_counter()`` when each request came in) adds the time it waited for
+        its batch as ``latency_ms.queue``, part of ``total``; the stage times are the batch's.
+        """
         started = time.perf_counter()
-        self._check_request(req)
-        user = self._user(req)
-        exclude = self.items.ids.lookup(req.exclude)
-        if req.exclude_recent:
-            exclude = np.concatenate([exclude, user.recent])
-        if req.candidates is not None:
-            given = self.items.ids.lookup(req.candidates)
-            given = given[given > 0]
-            _, first = np.unique(given, return_index=True)
-            given = given[np.sort(first)]
-            cand, source_scores = blend(
-                [(REQUEST, given, np.arange(len(given), dtype=np.float32))],
-                exclude,
-                len(given),
-                len(self.items),
-            )
-        else:
-            cand, source_scores = self._retrieve(user, exclude)
+        answers: list[dict[str, Any] | RequestError] = []
+        live: list[int] = []
+        users: list[UserContext] = []
+        excludes: list[np.ndarray] = []
+        for req in reqs:
+            try:
+                self._check_request(req)
+                user = self._user(req)
+            except RequestError as e:
+                answers.append(e)
+                continue
+            exclude = self.items.ids.lookup(req.exclude)
+            if req.exclude_recent:
+                exclude = np.concatenate([exclude, user.recent])
+            answers.append({})
+            live.append(len(answers) - 1)
+            users.append(user)
+            excludes.append(exclude)
+        batch = [reqs[i] for i in live]
+        retrieved = self._retrieve(batch, users, excludes)
         t_retrieval = time.perf_counter()
-        probs = np.zeros(0, dtype=np.float32)
-        if len(cand):
-            dense, sparse = self._inputs(user, cand, req)
-            probs = self.ranking.score(dense, sparse)
+        cands = [cand for cand, _ in retrieved]
+        probs = self._rank(batch, users, cands)
         t_ranking = time.perf_counter()
-        order, mmr, max_sim = mmr_rerank(probs, self.item_vectors[cand], req.k, req.diversity)
+        reranked = [
+            mmr_rerank(p, self.item_vectors[c], req.k, req.diversity)
+            for req, p, c in zip(batch, probs, cands, strict=True)
+        ]
         t_rerank = time.perf_counter()
+        stages = {
+            "retrieval": 1000 * (t_retrieval - started),
+            "ranking": 1000 * (t_ranking - t_retrieval),
+            "rerank": 1000 * (t_rerank - t_ranking),
+        }
+        for j, i in enumerate(live):
+            answers[i] = self._answer(users[j], retrieved[j], probs[j], reranked[j], len(live))
+        finished = time.perf_counter()
+        for i in live:
+            came = started if arrived is None else min(arrived[i], started)
+            latency = {"queue": 1000 * (started - came), **stages, "total": 1000 * (finished - came)}
+            answers[i]["latency_ms"] = latency  # type: ignore[index]
+        return answers
+
+    def _answer(
+        self,
+        user: UserContext,
+        retrieved: tuple[np.ndarray, dict[str, np.ndarray]],
+        probs: np.ndarray,
+        reranked: tuple[np.ndarray, np.ndarray, np.ndarray],
+        batch: int,
+    ) -> dict[str, Any]:
+        cand, source_scores = retrieved
+        order, mmr, max_sim = reranked
         raw = self.items.ids.raw_ids(cand[order]) if len(order) else []
         results = []
         for pos, (item_id, i) in enumerate(zip(raw, order.tolist(), strict=True)):
@@ -473,31 +578,30 @@ class Funnel:
                     },
                 }
             )
-        counts = {s: int((~np.isnan(v)).sum()) for s, v in source_scores.items()}
         return {
             "items": results,
             "user_known": user.index > 0,
             "cold_start": user.index == 0,
             "candidates": int(len(cand)),
-            "sources": counts,
+            "sources": {s: int((~np.isnan(v)).sum()) for s, v in source_scores.items()},
             "bundle": self.version,
-            "latency_ms": {
-                "retrieval": 1000 * (t_retrieval - started),
-                "ranking": 1000 * (t_ranking - t_retrieval),
-                "rerank": 1000 * (t_rerank - t_ranking),
-                "total": 1000 * (time.perf_counter() - started),
-            },
+            "batch": batch,
         }
 
-    def nearest(self, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` items of highest inner product with ``vector`` (exact; one mat-vec), best first."""
-        scores = self.item_vectors[1:] @ np.asarray(vector, dtype=np.float32)
-        n = min(n, len(scores))
+    def nearest(self, vectors: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row of ``vectors``, the ``n`` items of highest inner product (exact; one matrix
+        product for all rows), best first, as (item indices, scores)."""
+        queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.item_vectors.shape[1])
+        # items x queries, then transposed: OpenBLAS is ~2x faster with the item matrix on the left
+        scores = np.ascontiguousarray((self.item_vectors[1:] @ queries.T).T)
+        n = min(n, scores.shape[1])
         if n <= 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-scores, n - 1)[:n]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return top + 1, scores[top]
+            return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in scores]
+        out = []
+        for row, top in zip(scores, np.argpartition(-scores, n - 1, axis=1)[:, :n], strict=True):
+            top = top[np.argsort(-row[top], kind="stable")]
+            out.append((top + 1, row[top]))
+        return out
 
     def similar(self, item_id: str | int, k: int) -> dict[str, Any]:
         index = int(self.items.ids.lookup([item_id])[0])
@@ -507,7 +611,7 @@ class Funnel:
         vector = self.item_vectors[index]
         if not np.any(vector):
             return {"item_id": raw, "items": []}
-        items, sims = self.nearest(vector, k + 1)
+        items, sims = self.nearest(vector, k + 1)[0]
         keep = items != index
         items, sims = items[keep][:k], sims[keep][:k]
         return {
@@ -525,11 +629,12 @@ def _scalar(value: Any) -> int:
     return int(flat[0]) if len(flat) else 0
 
 
-def _repeat(value: np.ndarray, n: int, multi: bool, width: int) -> np.ndarray:
+def _repeat(values: Sequence[np.ndarray], counts: np.ndarray, multi: bool, width: int) -> np.ndarray:
+    """One value per request, repeated for each of its ``counts`` candidates (rows of ``width`` if multi)."""
     if multi:
-        row = _fit_width(np.asarray(value, dtype=np.int64).reshape(1, -1), width)
-        return np.repeat(row, n, axis=0)
-    return np.full(n, _scalar(value), dtype=np.int64)
+        rows = [_fit_width(np.asarray(v, dtype=np.int64).reshape(1, -1), width) for v in values]
+        return np.repeat(np.concatenate(rows), counts, axis=0)
+    return np.repeat(np.array([_scalar(v) for v in values], dtype=np.int64), counts)
 
 
 def _fit_width(rows: np.ndarray, width: int) -> np.ndarray:

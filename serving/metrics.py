@@ -11,6 +11,7 @@ from collections import defaultdict
 
 # seconds; dense where the funnel's latencies live (sub-millisecond stages to a 150 ms budget)
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def _escape(value: str) -> str:
@@ -25,17 +26,18 @@ def _labels(labels: tuple[tuple[str, str], ...], extra: str = "") -> str:
 
 
 class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
         self.n = 0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, value: float) -> None:
         i = 0
-        while i < len(BUCKETS) and seconds > BUCKETS[i]:
+        while i < len(self.buckets) and value > self.buckets[i]:
             i += 1
         self.counts[i] += 1
-        self.total += seconds
+        self.total += value
         self.n += 1
 
 
@@ -48,7 +50,9 @@ class Metrics:
         self.request_latency: dict[tuple[tuple[str, str], ...], Histogram] = defaultdict(Histogram)
         self.stage_latency: dict[tuple[tuple[str, str], ...], Histogram] = defaultdict(Histogram)
         self.reloads: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
-        self.candidates = Histogram()
+        self.batch_size: dict[tuple[tuple[str, str], ...], Histogram] = defaultdict(
+            lambda: Histogram(BATCH_BUCKETS)
+        )
         self.bundle: dict[str, str] = {}
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -61,6 +65,11 @@ class Metrics:
             for stage in stages:
                 if stage in latency_ms:
                     self.stage_latency[(("stage", stage),)].observe(latency_ms[stage] / 1000.0)
+
+    def batch(self, size: int) -> None:
+        """The size of the batch a /recommend request was computed in (one observation per request)."""
+        with self._lock:
+            self.batch_size[()].observe(size)
 
     def reload(self, result: str) -> None:
         with self._lock:
@@ -88,8 +97,15 @@ class Metrics:
             self._histogram(
                 lines,
                 "funnel_stage_duration_seconds",
-                "Latency of the funnel stages (retrieval, ranking, rerank, total) of /recommend.",
+                "Latency of the funnel stages of /recommend: queue (waiting for its batch), retrieval, "
+                "ranking, rerank (of its batch), total (queue to answer).",
                 self.stage_latency,
+            )
+            self._histogram(
+                lines,
+                "funnel_batch_size",
+                "Requests in the batch each /recommend request was computed in (cross-request batching).",
+                self.batch_size,
             )
             lines += [
                 "# HELP funnel_reloads_total Bundle reloads by result (ok, refused).",
@@ -112,7 +128,7 @@ class Metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
         for labels, h in sorted(series.items()):
             cumulative = 0
-            for bound, count in zip([*BUCKETS, float("inf")], h.counts, strict=True):
+            for bound, count in zip([*h.buckets, float("inf")], h.counts, strict=True):
                 cumulative += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
                 bucket = _labels(labels, f'le="{le}"')

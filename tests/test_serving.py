@@ -4,7 +4,9 @@ Guarded here: importing ``serving`` pulls in no training code; the funnel answer
 unknown users (two-tower ANN, similar-to-recent, trending -> DeepFM -> MMR) with per-stage scores and
 latencies; served ranking scores equal the training-time model's; bad input gets a 4xx naming the
 field and no input at all gets a 5xx (hypothesis); tampered bundles are refused at start and at
-reload while the old bundle keeps serving; a reload under traffic loses no request.
+reload while the old bundle keeps serving; a reload under traffic loses no request; a request
+batched with others (cross-request batching on the compute thread) gets the answer it gets alone,
+a batch never mixes bundles, and the compute thread runs on the configured threads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -32,6 +35,8 @@ from test_engine import torchrun, write_config
 
 from data.ctr import CTRBatchBuilder
 from data.shards import PreparedDataset
+from serving.batching import FAISS_BLAS_THRESHOLD, BatchConfig, Batcher
+from serving.funnel import Funnel, RecommendRequest, RequestError
 from trainer.config import load_config
 from trainer.export_bundle import export_bundle
 from trainer.export_ranking import export_ranking, load_training_model
@@ -257,6 +262,155 @@ def test_served_ranking_scores_equal_the_training_time_model(stack: Any) -> None
         served.append(r.json()["items"][0]["stages"]["ranking"])
     assert expected.std() > 0.02
     np.testing.assert_allclose(np.array(served), expected, atol=1e-5)
+
+
+def _mixed_requests(users: list[str], items: list[str]) -> list[RecommendRequest]:
+    """Every path through the funnel (known users, sessions, cold start, features, given candidates)."""
+    return [
+        RecommendRequest(user_id=users[1], k=10),
+        RecommendRequest(user_id=users[2], k=5, diversity=0.4, recent_items=items[3:6]),
+        RecommendRequest(user_id="nobody", recent_items=items[10:14], k=7, diversity=0.2),
+        RecommendRequest(),
+        RecommendRequest(user_features={"age_bucket": "25-34", "gender": "F"}, k=6, exclude=items[:20]),
+        RecommendRequest(
+            user_id=users[5], candidates=items[30:60], k=8, context={"hour": 0.3}, exclude_recent=False
+        ),
+        RecommendRequest(user_id=users[7], context={"weather": 1.0}),  # unservable: unknown feature
+        *[RecommendRequest(user_id=users[20 + i], k=10, diversity=0.2 * (i % 2)) for i in range(16)],
+    ]
+
+
+def _assert_same_answer(alone: dict[str, Any], batched: dict[str, Any]) -> None:
+    assert [x["item_id"] for x in batched["items"]] == [x["item_id"] for x in alone["items"]]
+    assert batched["sources"] == alone["sources"] and batched["candidates"] == alone["candidates"]
+    assert batched["user_known"] == alone["user_known"] and batched["bundle"] == alone["bundle"]
+    for a, b in zip(alone["items"], batched["items"], strict=True):
+        for key in ("ranking", "rerank", "max_similarity"):
+            assert b["stages"][key] == pytest.approx(a["stages"][key], abs=1e-6), key
+        assert b["score"] == pytest.approx(a["score"], abs=1e-6)
+        assert b["stages"]["retrieval"].keys() == a["stages"]["retrieval"].keys()
+        for source, score in a["stages"]["retrieval"].items():  # inner products, not probabilities
+            assert b["stages"]["retrieval"][source] == pytest.approx(score, rel=1e-6, abs=1e-6), source
+
+
+def _answer(future: Any) -> Any:
+    error = future.exception(timeout=60)
+    return error if error is not None else future.result()
+
+
+@pytest.fixture
+def batcher() -> Any:
+    """A started Batcher; torch's and FAISS's process-wide settings restored afterwards."""
+    threads, blas = torch.get_num_threads(), faiss.cvar.distance_compute_blas_threshold
+    b = Batcher(BatchConfig(max_batch=64, max_wait_ms=0.0, threads=1))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.close()
+        torch.set_num_threads(threads)
+        faiss.cvar.distance_compute_blas_threshold = blas
+
+
+def _held(batcher: Batcher) -> tuple[threading.Event, Any]:
+    """Hold the compute thread until the event is set: what is submitted meanwhile forms one batch."""
+    gate = threading.Event()
+    return gate, batcher.call(lambda: gate.wait(60))
+
+
+@pytest.mark.slow
+def test_a_request_gets_the_same_answer_alone_and_inside_a_batch(stack: Any, batcher: Batcher) -> None:
+    funnel = Funnel.load(stack["root"] / "bundle-a")
+    users, items = _users_items(stack["world"])
+    reqs = _mixed_requests(users, items)
+    assert batcher.call(lambda: (torch.get_num_threads(), faiss.omp_get_max_threads())).result(60) == (1, 1)
+    alone = [_answer(batcher.submit(funnel, r)) for r in reqs]  # one at a time: batches of one
+    gate, held = _held(batcher)
+    futures = [batcher.submit(funnel, r) for r in reqs]
+    gate.set()
+    held.result(60)
+    together = [_answer(f) for f in futures]
+    valid = len(reqs) - 1
+    dim = max(r.index.d for r in funnel.retrievers)
+    assert valid * dim >= FAISS_BLAS_THRESHOLD, "the batch must reach FAISS's batched (BLAS) search"
+    for req, a, b in zip(reqs, alone, together, strict=True):
+        if "weather" in req.context:  # only the unservable request fails; the rest of its batch is answered
+            assert isinstance(a, RequestError) and isinstance(b, RequestError)
+            assert a.field == b.field == "context.weather"
+            continue
+        assert a["batch"] == 1 and b["batch"] == valid
+        assert a["items"], "every path must return items"
+        _assert_same_answer(a, b)
+        assert set(b["latency_ms"]) == {"queue", "retrieval", "ranking", "rerank", "total"}
+        assert b["latency_ms"]["total"] >= b["latency_ms"]["queue"] >= 0
+    # the one-request path (Funnel.recommend, used by the smoke test at load) is a batch of one
+    _assert_same_answer(funnel.recommend(reqs[2]), together[2])
+
+
+@pytest.mark.slow
+def test_a_batch_never_mixes_bundles_and_skips_cancelled_requests(stack: Any, batcher: Batcher) -> None:
+    a = Funnel.load(stack["root"] / "bundle-a")
+    b = Funnel.load(stack["root"] / "bundle-b")
+    assert a.version != b.version
+    users, _ = _users_items(stack["world"])
+    gate, held = _held(batcher)
+    futures = [batcher.submit(a if i % 2 else b, RecommendRequest(user_id=users[i], k=4)) for i in range(8)]
+    gone = batcher.submit(a, RecommendRequest(k=3))
+    assert gone.cancel()  # its client went away before the batch ran
+    gate.set()
+    held.result(60)
+    for i, future in enumerate(futures):
+        answer = future.result(60)
+        # the requests of each bundle ran as their own group of the batch, on their own bundle
+        assert answer["bundle"] == (a if i % 2 else b).version and answer["batch"] == 4
+        _assert_same_answer((a if i % 2 else b).recommend(RecommendRequest(user_id=users[i], k=4)), answer)
+    assert gone.cancelled()
+
+
+@pytest.mark.slow
+def test_concurrent_http_requests_are_batched_and_answered_as_alone(stack: Any) -> None:
+    users, items = _users_items(stack["world"])
+    bodies = [{"user_id": users[40 + i], "k": 8, "diversity": 0.3 * (i % 2)} for i in range(10)]
+    bodies += [{"user_id": f"new-{i}", "recent_items": items[5 * i : 5 * i + 3], "k": 5} for i in range(6)]
+    alone = [stack["client"].post("/recommend", json=b).json() for b in bodies]
+    answers: list[list[dict[str, Any]]] = [[] for _ in bodies]
+    start = threading.Barrier(len(bodies))
+
+    def send(i: int) -> None:
+        with httpx.Client(base_url=stack["url"], timeout=60) as c:
+            start.wait(60)
+            for _ in range(3):
+                r = c.post("/recommend", json=bodies[i])
+                assert r.status_code == 200, r.text
+                answers[i].append(r.json())
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(len(a) == 3 for a in answers), "a request was lost"
+    for a, got in zip(alone, answers, strict=True):
+        for b in got:
+            _assert_same_answer(a, b)
+    assert max(b["batch"] for got in answers for b in got) > 1, "concurrent requests were never batched"
+    text = stack["client"].get("/metrics").text
+    assert "funnel_batch_size_bucket" in text and 'funnel_stage_duration_seconds_count{stage="queue"}' in text
+
+
+def test_serve_refuses_out_of_range_batching_flags(tmp_path: Path) -> None:
+    for flags, message in (
+        (["--max-batch", "0"], "--max-batch 0"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms -1.0"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch", "serve", str(tmp_path), *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
