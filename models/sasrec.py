@@ -18,6 +18,14 @@ shared item matrix). The encoder (:class:`SASRecEncoder`) is plain ``torch.nn``:
 learned positions, blocks of ``LN -> causal self-attention -> residual``, ``LN -> FFN ->
 residual`` (the paper's pre-LN, eq. 5; post-LN by option), and a final LayerNorm.
 
+In training the encoder works on the real items only (:class:`TokenLayout`): every sublayer but the
+attention is position-wise, so it runs on the ``[n, d]`` real positions, and only the attention sees
+the ``[B, L, d]`` grid (the padding as zero keys that the mask excludes anyway). Recommendation
+histories are mostly padding (Video: ~400 real items in a 64 x 50 batch), and the dropout masks,
+LayerNorms and linear layers of the padding were most of the encoder's work. Evaluation and export
+keep the grid, whose shapes do not depend on the data (``torch.export``, serving); both layouts run
+the same blocks, and equal outputs are tested.
+
 FBGEMM's kernels need a table width that is a multiple of 4. An ``embedding_dim`` that is not
 (the paper's 50) gets a table rounded up to the next multiple of 4 whose extra columns are never
 read, so they get no gradient, never change, and the model is exactly a ``d``-dimensional one.
@@ -102,6 +110,36 @@ def attention_mask(mask: torch.Tensor) -> torch.Tensor:
     return (causal & (mask[:, None, None, :] | eye)).contiguous()
 
 
+class TokenLayout:
+    """Where the encoder's position-wise work happens: the ``[B, L, d]`` grid or the real items only.
+
+    ``grid(t)``: the ``[B, L, *]`` grid of a hidden tensor (zeros at padding); ``tokens(t)``: the
+    layout's own form of a grid tensor; ``finish(t)``: zeros at padding, in the grid layout.
+    """
+
+    def __init__(self, mask: torch.Tensor, packed: bool) -> None:
+        self.batch, self.length = mask.shape
+        self.packed = packed
+        if packed:
+            self.index = mask.reshape(-1).nonzero().squeeze(1)
+        else:
+            self.keep = mask.unsqueeze(-1)
+
+    def tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return grid
+        return grid.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return x
+        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, -1)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.packed else x * self.keep.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float, device: torch.device | None = None) -> None:
         super().__init__()
@@ -120,13 +158,13 @@ class CausalSelfAttention(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        q, k, v = (self._heads(layout.grid(f(x))) for f in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+        batch, _, length, _ = y.shape
+        return self.proj(layout.tokens(y.transpose(1, 2).reshape(batch, length, -1)))
 
 
 class SASRecBlock(nn.Module):
@@ -145,14 +183,14 @@ class SASRecBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if self.pre_ln:
-            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))
+            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask, layout))
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         else:
-            x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
+            x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask, layout)))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x * keep
+        return layout.finish(x)
 
 
 @dataclass
@@ -214,13 +252,13 @@ class SASRecEncoder(nn.Module):
         length = history.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len {self.max_len}")
-        keep = mask.unsqueeze(-1).to(history.dtype)
+        layout = TokenLayout(mask, packed=self.training)
         pos = torch.arange(self.max_len - length, self.max_len, device=history.device)
-        x = self.dropout(history * self.scale + self.positions(pos)) * keep
+        x = layout.finish(self.dropout(layout.tokens(history * self.scale + self.positions(pos))))
         attn_mask = attention_mask(mask)
         for block in self.blocks:
-            x = block(x, attn_mask, keep)
-        return self.final_norm(x) * keep
+            x = block(x, attn_mask, layout)
+        return layout.grid(layout.finish(self.final_norm(x)))
 
 
 class SequentialRecommender(nn.Module):

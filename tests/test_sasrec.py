@@ -83,6 +83,60 @@ def test_extra_left_padding_does_not_change_scores(pre_ln: bool) -> None:
         all_scores(model, torch.ones(1, 11, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_training_on_the_real_items_only_equals_the_padded_grid(pre_ln: bool) -> None:
+    """Training packs the real positions (``TokenLayout``); evaluation keeps the grid: same numbers."""
+    seq = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 9]])
+    results = []
+    for training in (True, False):
+        torch.manual_seed(0)
+        cfg = SASRecConfig(num_items=40, embedding_dim=12, max_len=10, num_blocks=2, num_heads=2, dropout=0.0,
+                           pre_ln=pre_ln, init_scale=0.5)  # fmt: skip
+        model = SASRec(cfg).train(training)
+        hidden, _ = model(seq, torch.zeros(0, dtype=torch.int64))
+        (hidden * torch.linspace(-1, 1, 12)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((hidden.detach(), grads))
+    (packed, packed_grads), (grid, grid_grads) = results
+    assert (grid[seq == 0] == 0).all() and (packed[seq == 0] == 0).all()
+    torch.testing.assert_close(packed, grid, rtol=0, atol=1e-6)
+    assert packed_grads.keys() == grid_grads.keys() and len(grid_grads) > 10
+    for name, grad in grid_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_compiled_encoder_equals_eager() -> None:
+    """``model.compile: true`` (``encoder.compile()``, inductor on CPU here) changes no number: the
+    evaluation grid and the packed training layout, outputs and gradients."""
+    import os
+    import shutil
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"inductor's CPU backend needs a C++ compiler; {compiler!r} is not on PATH")
+    seq = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 9]])
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = SASRecConfig(num_items=40, embedding_dim=12, max_len=10, num_blocks=2, num_heads=2, dropout=0.0,
+                           init_scale=0.5)  # fmt: skip
+        model = SASRec(cfg)
+        if compiled:
+            model.encoder.compile()
+        with torch.no_grad():
+            grid, _ = model.eval()(seq, torch.zeros(0, dtype=torch.int64))
+        packed, _ = model.train()(seq, torch.zeros(0, dtype=torch.int64))
+        (packed * torch.linspace(-1, 1, 12)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((grid, packed.detach(), grads))
+    (grid, packed, grads), (grid_c, packed_c, grads_c) = results
+    torch.testing.assert_close(grid_c, grid, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_c, packed, rtol=0, atol=1e-5)
+    assert grads_c.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
 def test_lookup_scatters_the_jagged_history_into_its_positions() -> None:
     model = small_model()
     seq = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4], [0, 0, 0, 7]])
@@ -148,6 +202,30 @@ def test_full_softmax_logsumexp_hand_computed() -> None:
     assert float(got[0] - 2.0) == pytest.approx(math.log(math.exp(-1) + math.exp(-2) + 1), abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_logsumexp_equals_torch(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values and gradients of the chunked log-sum-exp (several chunks, a short last one) vs torch."""
+    import trainer.sequential as seq
+
+    monkeypatch.setattr(seq, "_LSE_CHUNK_ELEMENTS", {"cpu": 8 * 30})
+    monkeypatch.setattr(seq, "_LSE_MIN_CHUNK_ROWS", 1)  # 8 rows a chunk: 37 queries in 5 chunks
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(37, 6, generator=gen, dtype=dtype).requires_grad_()
+    items = (torch.randn(30, 6, generator=gen, dtype=dtype) * 3).requires_grad_()
+    weights = torch.rand(37, generator=gen, dtype=dtype)
+    got = seq.local_logsumexp(queries, items)
+    assert got.dtype == dtype
+    grads = torch.autograd.grad((got * weights).sum(), (queries, items))
+    ref = torch.logsumexp(queries @ items.T, dim=1)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (queries, items))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=tol)
+    empty = seq.local_logsumexp(queries, items[:0])  # a rank without candidates
+    assert torch.isneginf(empty).all()
+
+
 def test_candidate_ranges_follow_the_row_wise_plan() -> None:
     rows = [{"table": "item", "sharding_type": "row_wise",
              "shards": [{"rank": 0, "offsets": [0, 0], "sizes": [51, 52]},
@@ -186,6 +264,8 @@ def test_leave_one_out_windows(handmade: Path) -> None:
     test = s.eval_batch(np.array([0, 2]), "test")
     assert test.inputs.tolist() == [[3, 4, 5], [0, 9, 10]] and test.targets.tolist() == [6, 11]
     assert test.negatives.shape == (2, 100)
+    # a batch is as wide as its longest row: user 3's validation history is one item
+    assert s.eval_batch(np.array([2]), "val").inputs.tolist() == [[9]]
     assert not np.isin(test.negatives[0].numpy(), [1, 2, 3, 4, 5, 6]).any()  # never interacted with
     assert not np.isin(test.negatives[1].numpy(), [9, 10, 11]).any()
     assert test.negatives.min() >= 1 and test.negatives.max() <= 30
@@ -195,7 +275,10 @@ def test_negatives_are_per_row_deterministic(handmade: Path) -> None:
     s = SequenceSplits(PreparedDataset(handmade), max_len=3, negatives=NegativeSampling("per_position"))
     both = s.train_batch(np.array([0, 1]), epoch=0)
     alone = s.train_batch(np.array([1]), epoch=0)  # the row on another rank, in another batch
-    assert torch.equal(both.negatives[1], alone.negatives[0])
+    width = alone.negatives.shape[1]  # a batch is as wide as its longest row: 1 here, 3 in `both`
+    assert width == 1 and both.negatives.shape[1] == 3
+    assert torch.equal(both.negatives[1, -width:], alone.negatives[0])
+    assert (both.negatives[1, :-width] == 0).all()
     assert not torch.equal(s.train_batch(np.array([0]), epoch=1).negatives[0], both.negatives[0])
     single, pair = s.eval_batch(np.array([2]), "test"), s.eval_batch(np.array([0, 2]), "test")
     assert torch.equal(single.negatives[0], pair.negatives[1])
@@ -324,23 +407,37 @@ def test_two_rank_evaluation_equals_brute_force(trained: Path, world: Path) -> N
     with torch.no_grad():
         hidden, _ = model(inputs, torch.zeros(0, dtype=torch.int64))
         scores = (hidden[:, -1] @ model.item_weight().T).numpy()  # [users, items], column 0 = padding
-    target_scores = scores[np.arange(len(rows)), targets]
-    # protocol 2: rank among all items 1..n (history included), padding excluded
-    rank = (scores[:, 1:] > target_scores[:, None]).sum(axis=1)
-    expected = {"full_mrr": np.mean(1 / (rank + 1))}
-    for k in (10, 20):
-        expected[f"full_hr@{k}"] = np.mean(rank < k)
-        expected[f"full_ndcg@{k}"] = np.mean(np.where(rank < k, 1 / np.log2(rank + 2), 0))
-    # protocol 1: rank among the user's 100 sampled items, ties counted against the target
+    target_scores = scores[np.arange(len(rows)), targets][:, None]
+    others = scores[:, 1:].copy()  # protocol 2 candidates: every item but the padding and the target
+    others[np.arange(len(rows)), targets - 1] = -np.inf
     negatives = s.eval_batch(rows, "test").negatives.numpy()
     for x, neg in zip(seqs, negatives, strict=True):
         assert not np.isin(neg, x).any()
-    sampled_rank = (np.take_along_axis(scores, negatives, axis=1) >= target_scores[:, None]).sum(axis=1)
-    expected["sampled_hr@10"] = np.mean(sampled_rank < 10)
-    expected["sampled_ndcg@10"] = np.mean(np.where(sampled_rank < 10, 1 / np.log2(sampled_rank + 2), 0))
-    expected["sampled_mrr"] = np.mean(1 / (sampled_rank + 1))
-    for name, value in expected.items():
-        assert metrics[f"test/{name}"] == pytest.approx(value, abs=1e-5), name
+    sampled_scores = np.take_along_axis(scores, negatives, axis=1)
+
+    def expected(shift: float) -> dict[str, float]:
+        """The metrics with every other item's score moved by ``shift`` (a rounding-size tie margin)."""
+        # protocol 2: rank among all items 1..n (history included), padding excluded
+        rank = (others + shift > target_scores).sum(axis=1)
+        out = {"full_mrr": np.mean(1 / (rank + 1))}
+        for k in (10, 20):
+            out[f"full_hr@{k}"] = np.mean(rank < k)
+            out[f"full_ndcg@{k}"] = np.mean(np.where(rank < k, 1 / np.log2(rank + 2), 0))
+        # protocol 1: rank among the user's 100 sampled items, ties counted against the target
+        sampled_rank = (sampled_scores + shift >= target_scores).sum(axis=1)
+        out["sampled_hr@10"] = np.mean(sampled_rank < 10)
+        out["sampled_ndcg@10"] = np.mean(np.where(sampled_rank < 10, 1 / np.log2(sampled_rank + 2), 0))
+        out["sampled_mrr"] = np.mean(1 / (sampled_rank + 1))
+        return out
+
+    # The sharded run scores in other matmul shapes, so a near-tie may round the other way: the
+    # result must lie between the metrics with the other items a rounding margin below and above.
+    margin = 1e-5 * float(np.abs(scores).max())
+    best, exact, worst = expected(-margin), expected(0.0), expected(margin)
+    for name in exact:
+        got = metrics[f"test/{name}"]
+        assert worst[name] - 1e-6 <= got <= best[name] + 1e-6, (name, got, exact[name])
+        assert best[name] - worst[name] <= 2 / len(rows), name  # a near-tie or two at most: still tight
 
 
 def reference_training(dataset: Path, loss: str, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
@@ -404,9 +501,14 @@ def test_two_rank_sharded_training_equals_unsharded(loss: str, world: Path, tmp_
     init = plain_model(world, init_dir).state_dict()
     table = "items.embeddings.item.weight"
     assert (reference[table] - init[table]).abs().max() > 1e-3, "reference did not train the item table"
-    diffs = {k: (sharded[k] - reference[k]).abs().max().item() for k in reference}
-    worst = max(diffs.items(), key=lambda kv: kv[1])
-    assert worst[1] <= 1e-5, f"largest difference {worst[1]:.3g} in {worst[0]}"
+    # Tolerance: 1e-5 plus 0.1% of how far training moved the tensor. The two runs sum the same
+    # gradients in other matmul shapes (2 x 32 rows vs 64), and Adam turns that rounding into up to
+    # ~1.5e-5 on a LayerNorm bias that moved by ~0.03 in 10 steps; a wrong loss or gradient moves
+    # tensors by a sizeable fraction of their update.
+    excess = {k: (sharded[k] - reference[k]).abs().max().item()
+              - 1e-3 * (reference[k] - init[k]).abs().max().item() for k in reference}  # fmt: skip
+    worst = max(excess.items(), key=lambda kv: kv[1])
+    assert worst[1] <= 1e-5, f"difference beyond 0.1% of the update: {worst[1]:.3g} in {worst[0]}"
 
 
 # -- the distributed log-sum-exp (this file doubles as the torchrun script) --------------------------------
