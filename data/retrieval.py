@@ -19,10 +19,10 @@ stage may see (:data:`VISIBLE`), so no held-out item ever becomes a feature. For
 temporal (a random hold-out per user, such as the LCF/UltraGCN files) "before" has no meaning at test
 time; ``history_mode="others"`` then uses the user's *other* visible items (never the interaction's
 own item), at most ``history_length`` of them drawn at random, the behaviour aggregation of
-YouTube DNN / SimpleX. The ``sequences`` rows must line up with the
-``interactions`` rows (what ``funnel data prepare`` and the synthetic generator write); that is
-checked on load. Index 0 of any field is unknown/padding and is never sent: an unknown id is an
-empty bag, which pools to zero.
+YouTube DNN / SimpleX. Evaluation queries may take longer bags (``eval_history_length``). The
+``sequences`` rows must line up with the ``interactions`` rows (what ``funnel data prepare`` and the
+synthetic generator write); that is checked on load. Index 0 of any field is unknown/padding and
+is never sent: an unknown id is an empty bag, which pools to zero.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ HISTORY_MODES = ("recent", "others")
 VISIBLE = {"train": ("train",), "val": ("train",), "test": ("train", "val")}
 _NEGATIVES_STREAM = 0x7E6
 _HISTORY_STREAM = 0x415
+_VALIDATION_STREAM = 0x7A1
 
 BatchT = TypeVar("BatchT", bound="_TensorBatch")
 
@@ -65,6 +66,32 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     shift = np.asarray(starts, dtype=np.int64) - np.concatenate([[0], np.cumsum(lengths)[:-1]])
     return np.repeat(shift, lengths) + np.arange(total, dtype=np.int64)
+
+
+def hold_out_validation(codes: np.ndarray, users: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Move a random ``fraction`` of each user's training rows to the validation split.
+
+    For splits published without a validation set (the LCF/UltraGCN files: train and test only), so
+    that hyper-parameters can be chosen without looking at the test split. Each user with at least
+    3 training rows gives ``max(1, round(fraction * n))`` of them; lighter users keep all theirs.
+    The draw depends only on the seed and the rows, so every rank and every re-run agree.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"model.val_fraction must be in (0, 1), got {fraction}")
+    codes = np.array(codes, dtype=np.uint8, copy=True)
+    if (codes == SPLIT_CODES["val"]).any():
+        raise ValueError("model.val_fraction: the split already has validation rows")
+    train = np.flatnonzero(codes == SPLIT_CODES["train"])
+    owner = np.asarray(users, dtype=np.int64)[train]
+    key = np.random.default_rng([seed, _VALIDATION_STREAM]).random(len(train))
+    order = np.lexsort((key, owner))  # by user, then a random key: each user's rows shuffled
+    sorted_owner = owner[order]
+    starts = np.flatnonzero(np.r_[True, sorted_owner[1:] != sorted_owner[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    take = np.where(counts >= 3, np.maximum(1, np.rint(fraction * counts)), 0).astype(np.int64)
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    codes[train[order[rank < np.repeat(take, counts)]]] = SPLIT_CODES["val"]
+    return codes
 
 
 def _drop_unknown(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,10 +364,23 @@ class RetrievalDataModule(ShardedDataModule):
         num_negatives: int = 0,
         split: str = "dataset",
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        val_fraction: float = 0.0,
+        eval_history_length: int | None = None,
     ) -> None:
         super().__init__()
         if num_negatives < 0:
             raise ValueError(f"model.loss.num_negatives must be >= 0, got {num_negatives}")
+        if eval_history_length is None:
+            eval_history_length = history_length
+        if eval_history_length < 0 or (eval_history_length and not history_length):
+            raise ValueError(
+                f"model.eval.history_length {eval_history_length}: must be >= 0, and 0 without a history "
+                f"feature (model.history_length {history_length})"
+            )
+        # The query bags of evaluation (and of the exported encoder's inputs) may be longer than the
+        # training ones: with history_mode=others a training bag is a random sample of the user's
+        # items (cheap, and a regulariser), while a query is best served by the mean of all of them.
+        self.eval_history_length = eval_history_length
         self.path = Path(path)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -355,6 +395,12 @@ class RetrievalDataModule(ShardedDataModule):
         self.inter_item = np.asarray(ds.column("interactions", "item"), dtype=np.int64)
         self.seq_offsets = self._check_sequences()
         self.codes = self._split_codes(split, fractions)
+        # what the split codes were made from (recorded with exports next to the dataset fingerprint)
+        self.split_spec: dict[str, Any] = {"split": split, "val_fraction": val_fraction, "seed": seed}
+        if split in ("temporal", "random"):
+            self.split_spec["fractions"] = [float(f) for f in fractions]
+        if val_fraction:
+            self.codes = hold_out_validation(self.codes, self.inter_user, val_fraction, seed)
         train_items = self.inter_item[self.codes == SPLIT_CODES["train"]]
         if len(train_items) == 0:
             raise ValueError(f"{self.path}: the {split!r} split leaves no training interactions")
@@ -363,7 +409,7 @@ class RetrievalDataModule(ShardedDataModule):
         self.item_prob = (self.item_counts / self.item_counts.sum()).astype(np.float32)
         self._users = _SideColumns(ds, "users", "user", self.schema.user_features)
         self._items = _SideColumns(ds, "items", "item", self.schema.item_features)
-        self._histories: dict[tuple[str, ...], _History] = {}
+        self._histories: dict[tuple[tuple[str, ...], int], _History] = {}
         self._eval_users: dict[str, EvalUsers | None] = {}
 
     # -- dataset layout -------------------------------------------------------------------------
@@ -399,17 +445,13 @@ class RetrievalDataModule(ShardedDataModule):
 
     def _history(self, stage: str) -> _History:
         visible = VISIBLE[stage]
-        if visible not in self._histories:
+        length = self.schema.history_length if stage == "train" else self.eval_history_length
+        if (visible, length) not in self._histories:
             mask = np.isin(self.codes, [SPLIT_CODES[s] for s in visible])
-            self._histories[visible] = _History(
-                self.inter_item,
-                self.seq_offsets,
-                mask,
-                self.schema.history_length,
-                self.history_mode,
-                self.seed,
+            self._histories[visible, length] = _History(
+                self.inter_item, self.seq_offsets, mask, length, self.history_mode, self.seed
             )
-        return self._histories[visible]
+        return self._histories[visible, length]
 
     def eval_users(self, stage: str) -> EvalUsers | None:
         """Users with at least one ``stage`` target not seen in the visible splits (None if none)."""
@@ -531,7 +573,8 @@ class RetrievalDataModule(ShardedDataModule):
     def query_arrays(self, stage: str, index: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``user [U]``, ``user_features [U, F]`` and 0-padded ``history [U, L]`` of eval users.
 
-        The exported query encoder's input layout; single-valued user features only.
+        The exported query encoder's input layout; single-valued user features only. ``L`` is the
+        longest of these users' bags (at most ``eval_history_length``; at least 1).
         """
         ev = self.eval_users(stage)
         if ev is None:
@@ -544,10 +587,11 @@ class RetrievalDataModule(ShardedDataModule):
                 raise ValueError(f"user feature {f.name!r} is multi-valued; plain query inputs take one id")
             col = self._users.columns[f.name]
             cols.append(users if col is None else np.asarray(col[users], dtype=np.int64))
-        length = max(self.schema.history_length, 1)
-        history = np.zeros((len(users), length), dtype=np.int64)
+        values, lengths = np.zeros(0, dtype=np.int64), np.zeros(len(users), dtype=np.int64)
         if self.schema.history_length:
             values, lengths = self._history(stage).of(ev.first_rows[index])
+        history = np.zeros((len(users), max(int(lengths.max(initial=0)), 1)), dtype=np.int64)
+        if len(values):
             row = np.repeat(np.arange(len(users)), lengths)
             col_pos = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             history[row, col_pos] = values
@@ -584,4 +628,3 @@ class RetrievalDataModule(ShardedDataModule):
     def val_dataloader(self) -> GlobalBatches[UserBatch] | list[Any]:
         # a dataset without a validation split (e.g. the LCF train/test files) skips validation
         return self.loader("val") if self.eval_users("val") is not None else []
-

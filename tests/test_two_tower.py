@@ -67,8 +67,11 @@ def test_in_batch_loss_matches_hand_computation() -> None:
     b, n, num_items = 3, 1, 10
     log_q = [math.log(b * p + n / num_items) for p in prob]  # expected copies of the item in the pool
 
-    def ce(row: int, label: int, allowed: list[int]) -> float:
-        logit = {j: sum(x * y for x, y in zip(q[row], cands[j], strict=True)) / t - log_q[j] for j in allowed}
+    def ce(row: int, label: int, allowed: list[int], strength: float = 1.0) -> float:
+        logit = {
+            j: sum(x * y for x, y in zip(q[row], cands[j], strict=True)) / t - strength * log_q[j]
+            for j in allowed
+        }
         return -logit[label] + math.log(sum(math.exp(v) for v in logit.values()))
 
     expected = (
@@ -90,6 +93,14 @@ def test_in_batch_loss_matches_hand_computation() -> None:
         cfg=RetrievalLossConfig(num_negatives=n), temperature=t, num_items=num_items,
     )  # fmt: skip
     assert via_training.item() == pytest.approx(expected, rel=1e-6)
+    # a stronger correction (logq_weight) and per-query weights (still divided by the 3 queries)
+    strong = (2.0 * ce(0, 0, [0, 1], 1.5) + 0.0 * ce(1, 1, [0, 1, 2, 3], 1.5) + ce(2, 2, [1, 2, 3], 1.5)) / 3
+    weighted = retrieval_loss(
+        tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
+        cfg=RetrievalLossConfig(num_negatives=n, logq_weight=1.5), temperature=t, num_items=num_items,
+        weights=tensor([2.0, 0.0, 1.0]),
+    )  # fmt: skip
+    assert weighted.item() == pytest.approx(strong, rel=1e-6)
     plain = retrieval_loss(
         tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
         cfg=RetrievalLossConfig(logq_correction=False, remove_accidental_hits=False), temperature=t,
@@ -236,6 +247,55 @@ def test_others_history_never_holds_the_interactions_own_item(world: Path) -> No
         mine = np.flatnonzero(user == ev.users[k])
         visible = set(item[mine[np.isin(codes[mine], [0, 1])]].tolist())
         assert {i for i in arrays["history"][k] if i} <= visible
+
+
+def test_validation_hold_out_moves_a_share_of_each_users_training_rows(world: Path) -> None:
+    """model.val_fraction: a validation split carved from training only (the test split untouched)."""
+    stored = RetrievalDataModule(world, split="random", fractions=(0.9, 0.0, 0.1))
+    dm = RetrievalDataModule(world, split="random", fractions=(0.9, 0.0, 0.1), val_fraction=0.25)
+    before, after, user = stored.codes, dm.codes, dm.inter_user
+    train, val, test = SPLIT_CODES["train"], SPLIT_CODES["val"], SPLIT_CODES["test"]
+    assert not (before == val).any() and np.array_equal(before == test, after == test)
+    assert ((after == val) <= (before == train)).all()
+    for u in np.unique(user[before == train]):
+        n = int(((user == u) & (before == train)).sum())
+        moved = int(((user == u) & (after == val)).sum())
+        assert moved == (max(1, round(0.25 * n)) if n >= 3 else 0), (u, n, moved)
+    again = RetrievalDataModule(world, split="random", fractions=(0.9, 0.0, 0.1), val_fraction=0.25)
+    assert np.array_equal(again.codes, after)  # seeded: every rank and re-run agree
+    # the training popularity (logQ, baseline) no longer counts the held-out rows
+    assert dm.item_counts.sum() == (after == train).sum()
+    with pytest.raises(ValueError, match="already has validation rows"):
+        RetrievalDataModule(world, val_fraction=0.1)  # the stored leave-one-out split has one
+    with pytest.raises(ValueError, match=r"model.val_fraction must be in \(0, 1\)"):
+        RetrievalDataModule(world, split="random", fractions=(0.9, 0.0, 0.1), val_fraction=1.5)
+
+
+def test_evaluation_queries_take_the_longer_history(world: Path) -> None:
+    """eval_history_length: training bags stay sampled at 3 items, queries hold every visible item."""
+    dm = RetrievalDataModule(
+        world, history_length=3, history_mode="others", split="random", eval_history_length=10_000
+    )
+    user, item, codes = dm.inter_user, dm.inter_item, dm.codes
+    rows = np.flatnonzero(codes == SPLIT_CODES["train"])[:300]
+    bags = dm.train_batch(rows).features.to_dict()[HISTORY]
+    assert bags.lengths().max().item() == 3
+    for stage, visible in (("val", [0]), ("test", [0, 1])):
+        ev = dm.eval_users(stage)
+        assert ev is not None
+        index = np.arange(40)
+        arrays = dm.query_arrays(stage, index)
+        history = dm.user_batch(stage, index).features.to_dict()[HISTORY]
+        longest = 0
+        for k, u in enumerate(ev.users[index]):
+            mine = np.flatnonzero((user == u) & np.isin(codes, visible))
+            bag = history.values()[history.offsets()[k] : history.offsets()[k + 1]].tolist()
+            assert sorted(bag) == sorted(item[mine].tolist())
+            assert sorted(i for i in arrays["history"][k] if i) == sorted(bag)
+            longest = max(longest, len(bag))
+        assert arrays["history"].shape == (40, longest)  # padded to the longest bag, not the cap
+    with pytest.raises(ValueError, match="model.eval.history_length"):
+        RetrievalDataModule(world, history_length=0, eval_history_length=5)
 
 
 def test_config_errors_name_the_field(world: Path) -> None:

@@ -61,6 +61,7 @@ DEFAULT_KS = (10, 20, 50, 100)
 @dataclass
 class RetrievalLossConfig:
     logq_correction: bool = True
+    logq_weight: float = 1.0  # scales the correction: 1 = unbiased full softmax, > 1 favours popular items
     num_negatives: int = 0  # uniformly sampled items per global batch (mixed negatives); 0 = in-batch only
     remove_accidental_hits: bool = True
     cross_rank_negatives: bool = True  # all-gather candidates so the pool is the global batch
@@ -84,8 +85,11 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None = None,
     candidate_items: torch.Tensor | None = None,
     candidate_users: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``query [B, D]`` against ``candidates [C, D]``; ``labels [B]`` index positives.
+
+    ``weights [B]`` scale each query's term (the mean is still over ``B``).
 
     ``log_q [C]`` is subtracted from the logits (logQ correction). With ``candidate_items [C]``,
     a candidate holding the same item as the query's positive is masked (accidental hit); with
@@ -107,7 +111,9 @@ def sampled_softmax_loss(
         bias = base.masked_fill(hit, float("-inf"))
     scaled = query / temperature
     logits = scaled @ candidates.T if bias is None else torch.addmm(bias, scaled, candidates.T)
-    return F.cross_entropy(logits, labels)
+    if weights is None:
+        return F.cross_entropy(logits, labels)
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).mean()
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +146,7 @@ def retrieval_loss(
     cfg: RetrievalLossConfig,
     temperature: float,
     num_items: int,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One rank's training loss: ``items`` holds the ``B = len(query)`` positives, then the sampled items.
 
@@ -168,11 +175,16 @@ def retrieval_loss(
         labels = labels + dist.get_rank() * b
         scale = world
     num_sampled = (items.shape[0] - b) * scale
-    log_q = mixture_log_q(cand_prob, b * scale, num_sampled, num_items) if cfg.logq_correction else None
+    log_q = None
+    if cfg.logq_correction:
+        log_q = mixture_log_q(cand_prob, b * scale, num_sampled, num_items)
+        if cfg.logq_weight != 1.0:
+            log_q = log_q * cfg.logq_weight
     hits = cfg.remove_accidental_hits
     return sampled_softmax_loss(
         query, candidates, labels, temperature=temperature, log_q=log_q,
         candidate_items=cand_items if hits else None, candidate_users=cand_users if hits else None,
+        weights=weights,
     )  # fmt: skip
 
 
@@ -308,7 +320,10 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
     ``model:`` holds the TwoTowerConfig fields plus ``user_features`` / ``item_features`` (names;
     default all), ``history_mode`` (``recent`` / ``others``), ``split`` (``dataset`` = the stored
     split, or ``loo`` / ``temporal`` / ``random`` recomputed with ``split_fractions``), ``loss``
-    (RetrievalLossConfig) and ``eval`` (``ks``, ``popularity_baseline``).
+    (RetrievalLossConfig), ``val_fraction`` (carve a validation split out of each user's training
+    interactions, for datasets published without one) and ``eval`` (``ks``, ``popularity_baseline``,
+    ``history_length``: the history cap of evaluation and exported queries, default
+    ``history_length``).
     """
     model = dict(cfg.model)
     try:
@@ -316,9 +331,11 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
         evaluation = dict(model.pop("eval", None) or {})
         ks = tuple(evaluation.pop("ks", DEFAULT_KS))
         popularity = bool(evaluation.pop("popularity_baseline", True))
+        eval_history = evaluation.pop("history_length", None)
         if evaluation:
             raise ConfigError(
-                f"model.eval: unknown key(s) {sorted(evaluation)}; known: ks, popularity_baseline"
+                f"model.eval: unknown key(s) {sorted(evaluation)}; known: ks, popularity_baseline, "
+                "history_length"
             )
         dm = RetrievalDataModule(
             cfg.data.path,
@@ -332,6 +349,8 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
             num_negatives=loss.num_negatives,
             split=model.pop("split", "dataset"),
             fractions=model.pop("split_fractions", (0.8, 0.1, 0.1)),
+            val_fraction=float(model.pop("val_fraction", 0.0)),
+            eval_history_length=None if eval_history is None else int(eval_history),
         )
         schema = dm.schema
         model_cfg = TwoTowerConfig(
@@ -361,15 +380,6 @@ def model_fingerprint(model: nn.Module, config: Any) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(dm: RetrievalDataModule) -> str:
-    """The prepared dataset's fingerprint, plus the split (``model.split`` may recompute it)."""
-    from trainer.export_ranking import dataset_fingerprint
-
-    h = hashlib.sha256(dataset_fingerprint(dm.path).encode())
-    h.update(np.ascontiguousarray(dm.codes).tobytes())
-    return h.hexdigest()
-
-
 def unsharded_model(config: TwoTowerConfig, checkpoint: str | os.PathLike[str]) -> TwoTower:
     """The trained two-tower as a plain CPU module (one process, no torchrun)."""
     model = TwoTower(config, device=torch.device("cpu"))
@@ -385,6 +395,24 @@ def catalog_embeddings(model: TwoTower, dm: RetrievalDataModule, chunk: int = 81
         batch = dm.item_batch(np.arange(lo, min(lo + chunk, dm.schema.num_items + 1)))
         out.append(model(batch.features, 0, batch.num_items)[1])
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def encode_queries(
+    encoder: Any, dm: RetrievalDataModule, stage: str, index: np.ndarray, chunk: int = 256
+) -> np.ndarray:
+    """Embeddings of eval users ``index`` of ``stage`` through a query encoder on plain tensors.
+
+    ``encoder`` is a :class:`QueryEncoder` or the exported program's module: what serving runs. In
+    chunks, because the encoder gathers ``[users, history, dim]`` and full histories can be long.
+    """
+    out = []
+    for lo in range(0, len(index), chunk):
+        arrays = dm.query_arrays(stage, index[lo : lo + chunk])
+        out.append(
+            encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"])).numpy()
+        )
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def export_query_encoder(
@@ -452,6 +480,7 @@ def export_two_tower(
     precomputed user embeddings, so serving can embed a new user or a user's latest history from
     raw ids. The ANN evaluation uses real user queries (the test users, else the validation ones).
     """
+    from trainer.export_ranking import dataset_fingerprint
     from trainer.faiss_export import write_retrieval_artifact
 
     module, dm = build_two_tower(cfg)
@@ -462,17 +491,13 @@ def export_two_tower(
     queries = None
     if stage is not None:
         count = len(dm.eval_users(stage).users)  # type: ignore[union-attr]
-        arrays = dm.query_arrays(stage, np.arange(min(count, max_queries)))
-        with torch.no_grad():
-            queries = encoder(
-                torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"])
-            ).numpy()
+        queries = encode_queries(encoder, dm, stage, np.arange(min(count, max_queries)))
     num_features = len(dm.schema.user_features)
     meta = {
         "model_type": "two_tower",
         "model_fingerprint": model_fingerprint(model, module.config),
-        "data_fingerprint": data_fingerprint(dm),
-        "dataset": {"path": str(dm.path), "name": dm.dataset.name},
+        "data_fingerprint": dataset_fingerprint(dm.path),
+        "dataset": {"path": str(dm.path), "name": dm.dataset.name, "split": dm.split_spec},
         "checkpoint": str(checkpoint),
         "model_config": dataclasses.asdict(module.config),
         "input_spec": {
@@ -483,7 +508,7 @@ def export_two_tower(
             },
             "history": {
                 "dtype": "int64", "shape": ["batch", "history"], "padding": 0,
-                "max_length": dm.schema.history_length,
+                "max_length": dm.eval_history_length,
                 "mode": dm.history_mode,
                 "index": "id_maps.history (row of ids.npy + 1); any order (mean-pooled); all padding "
                          "when the model has no history feature",
@@ -494,7 +519,7 @@ def export_two_tower(
         },
         "id_maps": _id_maps(dm),
     }  # fmt: skip
-    ep = export_query_encoder(encoder, num_features, dm.schema.history_length)
+    ep = export_query_encoder(encoder, num_features, dm.eval_history_length)
     return write_retrieval_artifact(
         Path(out),
         items,
