@@ -1,6 +1,6 @@
 """SASRec on the paper's Amazon Video Games file: full-softmax cross-entropy, then the paper's BCE.
 
-    python benchmarks/sasrec.py [--ce-minutes 45] [--bce-minutes 45] [--chunk-epochs 4] [--ranks 2]
+    python benchmarks/sasrec.py [--ce-minutes 45] [--bce-minutes 45] [--chunk-epochs 3] [--ranks 2]
                                 [--losses ce,bce] [--out benchmarks/results/sasrec.json]
 
 Trains ``configs/sasrec_video.yaml`` (d=50, 2 blocks, 1 head, max length 50, dropout 0.5, batch 128,
@@ -201,7 +201,7 @@ def main() -> int:
     p.add_argument("--ce-minutes", type=float, default=45.0, help="training wall-time budget of the CE run")
     p.add_argument("--bce-minutes", type=float, default=45.0, help="training wall-time budget of the BCE run")
     p.add_argument("--losses", default="ce,bce", help="comma-separated, in order: ce, bce")
-    p.add_argument("--chunk-epochs", type=int, default=4, help="epochs per torchrun (resumed between chunks)")
+    p.add_argument("--chunk-epochs", type=int, default=3, help="epochs per torchrun (resumed between chunks)")
     p.add_argument("--ranks", type=int, default=2, help="CPU processes (the item table is row-wise on them)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-sasrec")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sasrec.json")
