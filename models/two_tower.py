@@ -48,7 +48,6 @@ class TwoTowerConfig:
     output_dim: int = 64
     temperature: float = 0.05
     dropout: float = 0.0
-    embedding_dropout: float = 0.0  # dropout on the pooled embeddings entering both towers (training)
     history_feature: str = "history"  # KJT key of the recent-items bag
 
     def __post_init__(self) -> None:
@@ -60,8 +59,6 @@ class TwoTowerConfig:
             raise ValueError(f"model.output_dim must be > 0, got {self.output_dim}")
         if not self.temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.embedding_dropout < 1.0:
-            raise ValueError(f"model.embedding_dropout must be in [0, 1), got {self.embedding_dropout}")
         if self.history_length < 0:
             raise ValueError(f"model.history_length must be >= 0, got {self.history_length}")
         if not self.user_features and not self.history_length:
@@ -139,7 +136,6 @@ class TwoTower(nn.Module):
         self.config = config
         d = config.embedding_dim
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.user_tower = mlp(
             [len(config.query_features) * d, *config.user_arch, config.output_dim], config.dropout, device
         )
@@ -159,10 +155,10 @@ class TwoTower(nn.Module):
             for f in self.config.bag_features:
                 count = lengths[keys.index(f)].clamp(min=1).unsqueeze(1)
                 pooled[f] = pooled[f] / count.to(pooled[f].dtype)
-        user = torch.cat([pooled[f][:num_queries] for f in self.config.query_features], 1)
-        item = torch.cat([pooled[f][rows - num_items :] for f in self.config.candidate_features], 1)
-        user = self.user_tower(self.embedding_dropout(user))
-        item = self.item_tower(self.embedding_dropout(item))
+        user = self.user_tower(torch.cat([pooled[f][:num_queries] for f in self.config.query_features], 1))
+        item = self.item_tower(
+            torch.cat([pooled[f][rows - num_items :] for f in self.config.candidate_features], 1)
+        )
         return F.normalize(user, dim=-1), F.normalize(item, dim=-1)
 
 

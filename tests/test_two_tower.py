@@ -28,6 +28,7 @@ from models.two_tower import TwoTower
 from serving.bundle import verify
 from trainer.checkpoint import save_unsharded
 from trainer.config import load_config
+from trainer.export_ranking import dataset_fingerprint
 from trainer.retrieval import (
     RetrievalLossConfig,
     build_two_tower,
@@ -93,14 +94,14 @@ def test_in_batch_loss_matches_hand_computation() -> None:
         cfg=RetrievalLossConfig(num_negatives=n), temperature=t, num_items=num_items,
     )  # fmt: skip
     assert via_training.item() == pytest.approx(expected, rel=1e-6)
-    # a stronger correction (logq_weight) and per-query weights (still divided by the 3 queries)
-    strong = (2.0 * ce(0, 0, [0, 1], 1.5) + 0.0 * ce(1, 1, [0, 1, 2, 3], 1.5) + ce(2, 2, [1, 2, 3], 1.5)) / 3
-    weighted = retrieval_loss(
+    # a stronger correction (logq_weight 1.5: log Q scaled, popular items pushed down harder in training)
+    strong = (ce(0, 0, [0, 1], 1.5) + ce(1, 1, [0, 1, 2, 3], 1.5) + ce(2, 2, [1, 2, 3], 1.5)) / 3
+    assert abs(strong - expected) > 1e-3
+    stronger = retrieval_loss(
         tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
         cfg=RetrievalLossConfig(num_negatives=n, logq_weight=1.5), temperature=t, num_items=num_items,
-        weights=tensor([2.0, 0.0, 1.0]),
     )  # fmt: skip
-    assert weighted.item() == pytest.approx(strong, rel=1e-6)
+    assert stronger.item() == pytest.approx(strong, rel=1e-6)
     plain = retrieval_loss(
         tensor(q), tensor(cands), tensor(items), tensor(users), tensor(prob),
         cfg=RetrievalLossConfig(logq_correction=False, remove_accidental_hits=False), temperature=t,
@@ -314,6 +315,8 @@ def test_config_errors_name_the_field(world: Path) -> None:
         build("model.eval={k: [10]}")
     with pytest.raises(ConfigError, match="model.history_mode 'all'"):
         build("model.history_mode=all")
+    with pytest.raises(ConfigError, match="model.loss.logq_weight must be >= 0"):
+        build("model.loss.logq_weight=-1")
     with pytest.raises(ConfigError, match="data.path: .*not a prepared dataset"):
         build_two_tower(load_config(CONFIG, [f"data.path={world.parent / 'missing'}"]))
 
@@ -420,6 +423,9 @@ def test_export_encoder_index_and_overwrite_guard(trained: Path, world: Path, tm
     manifest = verify(out)
     meta = json.loads((out / "meta.json").read_text())
     assert manifest["kind"] == "retrieval" and meta["model_type"] == "two_tower"
+    # the one dataset fingerprint of every artifact (the bundle compares them), the split beside it
+    assert meta["data_fingerprint"] == dataset_fingerprint(world)
+    assert meta["dataset"]["split"] == {"split": "dataset", "val_fraction": 0.0, "seed": 0}
     assert meta["item_count"] == 1000 and meta["normalised"] and meta["ann"]["recall@100"] == 1.0
 
     # encoder.pt2 on plain tensors == the trained TorchRec user tower, at any batch size
