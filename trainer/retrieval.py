@@ -41,14 +41,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_gather
 
 from data.retrieval import HISTORY, RetrievalBatch, RetrievalDataModule, UserBatch
 from models.two_tower import QueryEncoder, TwoTower, TwoTowerConfig
 from trainer.checkpoint import load_unsharded
+from trainer.collectives import AllGatherRows, gather_rows, rank_and_world
 from trainer.config import DenseOptimizerConfig, RunConfig, load_config
 from trainer.module import ShardedModule
 from trainer.sharding import ConfigError
@@ -59,17 +58,32 @@ log = logging.getLogger(__name__)
 DEFAULT_KS = (10, 20, 50, 100)
 
 
+LOSS_KINDS = ("softmax", "ccl")
+
+
 @dataclass
 class RetrievalLossConfig:
+    kind: str = "softmax"  # softmax: sampled softmax | ccl: SimpleX's cosine contrastive loss
     logq_correction: bool = True
     logq_weight: float = 1.0  # scales the correction: 1 = unbiased full softmax, > 1 favours popular items
     num_negatives: int = 0  # uniformly sampled items per global batch (mixed negatives); 0 = in-batch only
     remove_accidental_hits: bool = True
     cross_rank_negatives: bool = True  # all-gather candidates so the pool is the global batch
+    in_batch_negatives: bool = True  # False: only the uniformly sampled items are negatives
+    margin: float = 0.9  # ccl: negatives with a cosine below the margin cost nothing
+    negative_weight: float = 1.0  # ccl: weight of the mean negative term against the positive one
 
     def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"model.loss.kind {self.kind!r}: choose one of {LOSS_KINDS}")
         if not self.logq_weight >= 0:
             raise ValueError(f"model.loss.logq_weight must be >= 0, got {self.logq_weight}")
+        if not -1.0 <= self.margin <= 1.0:
+            raise ValueError(f"model.loss.margin must be a cosine in [-1, 1], got {self.margin}")
+        if not self.negative_weight > 0:
+            raise ValueError(f"model.loss.negative_weight must be > 0, got {self.negative_weight}")
+        if not self.in_batch_negatives and self.num_negatives <= 0:
+            raise ValueError("model.loss.in_batch_negatives false needs model.loss.num_negatives > 0")
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -81,6 +95,47 @@ def mixture_log_q(
     return torch.log(expected.clamp(min=1e-30)).to(item_prob.dtype)
 
 
+def accidental_hits(
+    labels: torch.Tensor, candidate_items: torch.Tensor, candidate_users: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, C]`` mask of candidates that are a positive of the query (never the labelled one).
+
+    A hit holds the same item as the query's positive or, with ``candidate_users`` (0 = no user),
+    is the positive of the query's own user.
+    """
+    hit = candidate_items.unsqueeze(0) == candidate_items[labels].unsqueeze(1)
+    if candidate_users is not None:
+        own = candidate_users[labels].unsqueeze(1)
+        hit |= (candidate_users.unsqueeze(0) == own) & (own > 0)
+    hit[torch.arange(len(labels), device=hit.device), labels] = False
+    return hit
+
+
+def cosine_contrastive_loss(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    negative_weight: float,
+    excluded: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SimpleX's CCL (Mao et al., CIKM 2021) of unit ``query [B, D]`` against unit ``candidates [C, D]``.
+
+    ``1 - cos(u, pos) + negative_weight * mean_j relu(cos(u, j) - margin)`` over the candidates that
+    are neither the positive nor ``excluded [B, C]`` (accidental hits, candidates kept out of the pool).
+    """
+    cos = query @ candidates.T
+    rows = torch.arange(len(labels), device=cos.device)
+    negative = torch.ones_like(cos, dtype=torch.bool)
+    negative[rows, labels] = False
+    if excluded is not None:
+        negative &= ~excluded
+    pushed = torch.relu(cos - margin) * negative
+    per_query = pushed.sum(1) / negative.sum(1).clamp(min=1)
+    return (1 - cos[rows, labels] + negative_weight * per_query).mean()
+
+
 def sampled_softmax_loss(
     query: torch.Tensor,
     candidates: torch.Tensor,
@@ -90,50 +145,30 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None = None,
     candidate_items: torch.Tensor | None = None,
     candidate_users: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``query [B, D]`` against ``candidates [C, D]``; ``labels [B]`` index positives.
 
     ``log_q [C]`` is subtracted from the logits (logQ correction). With ``candidate_items [C]``,
     a candidate holding the same item as the query's positive is masked (accidental hit); with
     ``candidate_users [C]`` (0 = no user, e.g. a sampled item) so is any candidate that is the
-    positive of the query's own user. The positive itself is never masked.
+    positive of the query's own user; ``excluded [B, C]`` masks more candidates. The positive itself is
+    never masked.
     """
     # One GEMM adds the bias (-log Q, -inf on accidental hits) to the scaled scores: the [B, C] logit
     # matrix is the bulk of a step on CPUs, so it is written once instead of once per term.
     bias = None
     if log_q is not None:
         bias = (-log_q).unsqueeze(0).expand(query.shape[0], -1)
-    if candidate_items is not None:
-        hit = candidate_items.unsqueeze(0) == candidate_items[labels].unsqueeze(1)
-        if candidate_users is not None:
-            own = candidate_users[labels].unsqueeze(1)
-            hit |= (candidate_users.unsqueeze(0) == own) & (own > 0)
-        hit[torch.arange(len(labels), device=hit.device), labels] = False
+    hit = None if candidate_items is None else accidental_hits(labels, candidate_items, candidate_users)
+    if excluded is not None:
+        hit = excluded if hit is None else hit | excluded
+    if hit is not None:
         base = bias if bias is not None else query.new_zeros(()).expand(query.shape[0], candidates.shape[0])
         bias = base.masked_fill(hit, float("-inf"))
     scaled = query / temperature
     logits = scaled @ candidates.T if bias is None else torch.addmm(bias, scaled, candidates.T)
     return F.cross_entropy(logits, labels)
-
-
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks of tensors whose first dimension differs by rank (no gradient)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks; gradients flow back to each rank's own rows."""
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def retrieval_loss(
@@ -155,7 +190,7 @@ def retrieval_loss(
     one rank over the whole global batch.
     """
     b = query.shape[0]
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, world = rank_and_world()
     candidates, cand_items, cand_users, cand_prob = items, item_ids, user_ids, item_prob
     labels = torch.arange(b, device=query.device)
     scale = 1
@@ -167,20 +202,36 @@ def retrieval_loss(
         offsets = torch.arange(world, device=query.device).unsqueeze(1) * rows
         local = torch.arange(rows, device=query.device).unsqueeze(0)
         order = torch.cat([(offsets + local[:, :b]).flatten(), (offsets + local[:, b:]).flatten()])
-        candidates = _gather(items)[order]
-        packed = _gather(packed)[order]
+        candidates = AllGatherRows.apply(items)[order]
+        packed = AllGatherRows.apply(packed)[order]
         cand_items, cand_users = packed[:, 0].long(), packed[:, 1].long()
         cand_prob = packed[:, 2].to(item_prob.dtype)
-        labels = labels + dist.get_rank() * b
+        labels = labels + rank * b
         scale = world
     num_sampled = (items.shape[0] - b) * scale
+    in_batch = b * scale if cfg.in_batch_negatives else 0
+    # the other queries' positives leave the pool as negatives (each query keeps its own)
+    excluded = None
+    if not cfg.in_batch_negatives:
+        excluded = torch.zeros(b, candidates.shape[0], dtype=torch.bool, device=query.device)
+        excluded[:, : b * scale] = True
+        excluded[torch.arange(b, device=query.device), labels] = False
+    if cfg.kind == "ccl":
+        if cfg.remove_accidental_hits:
+            hits = accidental_hits(labels, cand_items, cand_users)
+            excluded = hits if excluded is None else excluded | hits
+        return cosine_contrastive_loss(
+            query, candidates, labels, margin=cfg.margin, negative_weight=cfg.negative_weight,
+            excluded=excluded,
+        )  # fmt: skip
     log_q = None
     if cfg.logq_correction:
-        log_q = cfg.logq_weight * mixture_log_q(cand_prob, b * scale, num_sampled, num_items)
+        log_q = cfg.logq_weight * mixture_log_q(cand_prob, in_batch, num_sampled, num_items)
     hits = cfg.remove_accidental_hits
     return sampled_softmax_loss(
         query, candidates, labels, temperature=temperature, log_q=log_q,
         candidate_items=cand_items if hits else None, candidate_users=cand_users if hits else None,
+        excluded=excluded,
     )  # fmt: skip
 
 
@@ -245,7 +296,7 @@ class TwoTowerModule(ShardedModule):
             ids.append(batch.item)
             embs.append(items)
         local_ids, local = torch.cat(ids), torch.cat(embs)
-        local_ids, local = _gather_rows(local_ids), _gather_rows(local)
+        local_ids, local = gather_rows(local_ids), gather_rows(local)
         table = torch.zeros(self.num_items + 1, local.shape[1], device=local.device, dtype=local.dtype)
         table[local_ids] = local
         return table
@@ -316,8 +367,9 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
     ``model:`` holds the TwoTowerConfig fields plus ``user_features`` / ``item_features`` (names;
     default all), ``history_mode`` (``recent`` / ``others``), ``split`` (``dataset`` = the stored
     split, or ``loo`` / ``temporal`` / ``random`` recomputed with ``split_fractions``), ``loss``
-    (RetrievalLossConfig), ``val_fraction`` (carve a validation split out of each user's training
-    interactions, for datasets published without one) and ``eval`` (``ks``, ``popularity_baseline``,
+    (RetrievalLossConfig), ``history_dropout`` (the chance that a training bag drops each item),
+    ``val_fraction`` (carve a validation split out of each user's training interactions, for datasets
+    published without one) and ``eval`` (``ks``, ``popularity_baseline``,
     ``history_length``: the history cap of evaluation and exported queries, default
     ``history_length``).
     """
@@ -347,6 +399,7 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
             fractions=model.pop("split_fractions", (0.8, 0.1, 0.1)),
             val_fraction=float(model.pop("val_fraction", 0.0)),
             eval_history_length=None if eval_history is None else int(eval_history),
+            history_dropout=float(model.pop("history_dropout", 0.0)),
         )
         schema = dm.schema
         model_cfg = TwoTowerConfig(

@@ -65,6 +65,7 @@ from torch import nn
 from data.sequential import NegativeSampling, SequenceBatch, SequentialDataModule
 from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.sasrec import ITEM_TABLE, PAD, QueryEncoder, SASRec, SASRecConfig, SequentialRecommender
+from trainer.collectives import AllReduceSum, gather_padded, rank_and_world
 from trainer.config import DenseOptimizerConfig, RunConfig, load_config
 from trainer.module import ShardedModule
 from trainer.sharding import ConfigError, describe_plan
@@ -127,67 +128,6 @@ def build_model(config: ModelConfig, device: torch.device | None = None) -> Sequ
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16 logits from autocast are upcast; float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-# -- collectives ---------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_sizes(n: int, device: torch.device) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(_world()[1])]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device))
-    return [int(s.item()) for s in sizes]
-
-
-class _AllGatherRows(torch.autograd.Function):
-    """Equal-sized ``[n, ...]`` tensors of all ranks, concatenated in rank order.
-
-    Backward: this rank's rows of the sum of every rank's gradient (each rank used the gathered
-    rows in its own loss). Written with plain ``all_gather``/``all_reduce`` so it runs on gloo too.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the backward is the sum of the ranks' gradients (every rank holds the result)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def _gather_rows(x: torch.Tensor, differentiable: bool) -> tuple[torch.Tensor, list[int]]:
-    """Every rank's ``x [n_r, ...]``, padded to the largest ``n_r`` and stacked, and the ``n_r``."""
-    sizes = _gather_sizes(x.shape[0], x.device)
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
-    if differentiable:
-        return _AllGatherRows.apply(padded), sizes
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat(parts), sizes
 
 
 # Logits per chunk in :class:`_LocalLogSumExp`. CPUs: ~2 MiB, which stays in cache through the
@@ -274,14 +214,14 @@ def distributed_logsumexp(queries: torch.Tensor, candidates: torch.Tensor) -> to
     respect to both: the gradient of a candidate row collects every rank's queries, the gradient of
     a query every rank's candidates.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return local_logsumexp(queries, candidates)
-    all_queries, sizes = _gather_rows(queries, differentiable=True)
+    all_queries, sizes = gather_padded(queries, differentiable=True)
     local = local_logsumexp(all_queries, candidates)  # [world * max_n]
     shift = local.detach().clone()
     dist.all_reduce(shift, op=dist.ReduceOp.MAX)  # a shift only: no gradient needed
-    lse = shift + torch.log(_AllReduceSum.apply(torch.exp(local - shift)))
+    lse = shift + torch.log(AllReduceSum.apply(torch.exp(local - shift)))
     start = rank * max(sizes)
     return lse[start : start + sizes[rank]]
 
@@ -294,10 +234,10 @@ def full_scores(queries: torch.Tensor, candidates: torch.Tensor, counts: list[in
     rank's rows in rank order. Each rank scores all queries against its rows, then the blocks are
     exchanged so that no rank holds another rank's table rows or another rank's users' scores.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return queries @ candidates.T
-    all_queries, sizes = _gather_rows(queries, differentiable=False)
+    all_queries, sizes = gather_padded(queries, differentiable=False)
     step = max(sizes)
     blocks = [all_queries[r * step : r * step + sizes[r]] @ candidates.T for r in range(world)]
     send = torch.cat([b.reshape(-1) for b in blocks])
@@ -436,7 +376,7 @@ class SequentialModule(ShardedModule):
 
     def _global_scale(self, local_count: int, device: torch.device) -> float:
         """``world / positions in the global batch``: makes the ranks' averaged gradients a global mean."""
-        _, world = _world()
+        _, world = rank_and_world()
         if world == 1:
             return 1.0 / max(local_count, 1)
         total = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
