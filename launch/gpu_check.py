@@ -171,6 +171,9 @@ def check_fbgemm(device: str) -> Result:
         return failed(f"TBE output shape {tuple(out.shape)}, expected {(batch, 2 * dim)}")
     if torch.equal(before, tbe.split_embedding_weights()[0]):
         return failed("the fused backward did not update the table")
+    decayed = weight_decay_applied(device)
+    if device == "cuda" and not decayed:
+        return failed("row-wise Adagrad ignored weight_decay_mode on CUDA (sparse_optimizer.weight_decay)")
     repeats = 20
     if device == "cuda":
         torch.cuda.synchronize()
@@ -185,7 +188,38 @@ def check_fbgemm(device: str) -> Result:
         "fwd_bwd_ms": round((time.perf_counter() - started) / repeats * 1000, 3),
         "batch": batch,
         "tables": f"2 x {rows} x {dim}",
+        "weight_decay_applied": decayed,
     }
+
+
+def weight_decay_applied(device: str) -> bool:
+    """Whether fused row-wise Adagrad applies decoupled weight decay (0.5) to a row of 2.0s."""
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    location, compute = (
+        (EmbeddingLocation.DEVICE, ComputeDevice.CUDA)
+        if device == "cuda"
+        else (EmbeddingLocation.HOST, ComputeDevice.CPU)
+    )
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(4, 8, location, compute)],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.1,
+        weight_decay=0.5,
+        weight_decay_mode=WeightDecayMode.DECOUPLE,
+        device=torch.device(device),
+    )
+    tbe.split_embedding_weights()[0].data.fill_(2.0)
+    tbe(torch.tensor([1], device=device), torch.tensor([0, 1], device=device)).sum().backward()
+    # Adagrad's first step moves the row by lr whatever the gradient; the decay adds lr * wd * w
+    return abs(float(tbe.split_embedding_weights()[0][1, 0]) - (2.0 - 0.1 - 0.1 * 0.5 * 2.0)) < 1e-4
 
 
 # --------------------------------------------------------------------------------------------------

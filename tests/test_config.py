@@ -72,3 +72,45 @@ def test_trainer_cli_reports_config_errors_with_exit_code_2(world: Path, tmp_pat
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error" in proc.stderr and "'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "device", "message"),
+    [
+        ({"name": "adam"}, "cpu", "sparse_optimizer.name adam: FBGEMM's CPU kernels have no fused Adam"),
+        ({"weight_decay": 1e-4}, "cpu", r"sparse_optimizer.weight_decay 0.0001: .*CPU kernels ignore it"),
+        ({"name": "sgd", "weight_decay": 1e-4}, "cuda", "sgd has none"),
+    ],
+)
+def test_sparse_optimizer_settings_the_kernels_would_ignore_are_refused(
+    settings: dict[str, object], device: str, message: str
+) -> None:
+    from trainer.strategy import SparseOptimizerConfig
+
+    with pytest.raises(ConfigError, match=message):
+        SparseOptimizerConfig(**settings).check(device)  # type: ignore[arg-type]
+
+
+def test_row_wise_adagrad_weight_decay_reaches_the_cuda_kernel_as_l2() -> None:
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    from trainer.strategy import SparseOptimizerConfig
+
+    cfg = SparseOptimizerConfig(weight_decay=1e-4)
+    cfg.check("cuda")
+    assert cfg.fused_params() == {"weight_decay_mode": WeightDecayMode.L2}
+    assert SparseOptimizerConfig().fused_params() == {}
+
+
+def test_fbgemm_cpu_kernels_ignore_weight_decay() -> None:
+    """The fact behind refusing sparse weight decay on CPU: if a later FBGEMM applies it, allow it."""
+    from launch.gpu_check import weight_decay_applied
+
+    assert not weight_decay_applied("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FBGEMM CUDA kernels")
+def test_fbgemm_cuda_row_wise_adagrad_applies_weight_decay() -> None:
+    from launch.gpu_check import weight_decay_applied
+
+    assert weight_decay_applied("cuda")

@@ -307,7 +307,6 @@ def test_batch_is_pipelineable(handmade: Path) -> None:
         (["model.num_blocks=0"], "model.num_blocks must be > 0"),
         (["model.heads=2"], "model: .*heads"),
         (["model.loss=sampled_softmax", "model.num_negatives=0"], "model.num_negatives must be > 0"),
-        (["sparse_optimizer.name=adam", "sharding.compute_device=cpu"], "sparse_optimizer.name adam"),
         (["data.features=[item]"], "data.features"),
     ],
 )

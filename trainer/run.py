@@ -148,6 +148,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, extra_callbacks: list[pl.Callba
     device_type = cfg.sharding.device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("sharding.compute_device is cuda but no CUDA device is visible")
+    cfg.sparse_optimizer.check(device_type)
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if device_type == "cuda" else "32-true"

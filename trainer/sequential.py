@@ -446,11 +446,6 @@ def build_sequential(cfg: RunConfig, kind: str) -> tuple[SequentialModule, Seque
     model_kwargs, task = _split_model_section(cfg)
     if cfg.data.features is not None:
         raise ConfigError("data.features does not apply to sequential models (they read sequences.items)")
-    if cfg.sparse_optimizer.name == "adam" and cfg.sharding.device_type() == "cpu":
-        raise ConfigError(
-            "sparse_optimizer.name adam: FBGEMM's CPU kernels have no fused Adam; on CPU use sgd, adagrad "
-            "or rowwise_adagrad (adam works on CUDA)"
-        )
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
     try:
         dm = SequentialDataModule(

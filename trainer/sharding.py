@@ -88,8 +88,11 @@ class EmbeddingBagCollectionSharderCPURowWise(EmbeddingBagCollectionSharder):
         return _with_cpu_row_wise(super().sharding_types(compute_device_type), compute_device_type)
 
 
-def sharders() -> list[ModuleSharder[nn.Module]]:
-    return [EmbeddingBagCollectionSharderCPURowWise(), EmbeddingCollectionSharder()]
+def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder[nn.Module]]:
+    return [
+        EmbeddingBagCollectionSharderCPURowWise(fused_params=fused_params),
+        EmbeddingCollectionSharder(fused_params=fused_params),
+    ]
 
 
 EMBEDDING_PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}

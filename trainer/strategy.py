@@ -84,6 +84,31 @@ class SparseOptimizerConfig:
             kwargs["weight_decay"] = self.weight_decay
         return classes[self.name], kwargs
 
+    def check(self, device_type: str) -> None:
+        """Refuse settings FBGEMM's kernels on ``device_type`` would silently not apply."""
+        if self.name == "adam" and device_type == "cpu":
+            raise ConfigError(
+                "sparse_optimizer.name adam: FBGEMM's CPU kernels have no fused Adam; on CPU use sgd, "
+                "adagrad or rowwise_adagrad (adam works on CUDA)"
+            )
+        if self.weight_decay and (device_type == "cpu" or self.name != "rowwise_adagrad"):
+            # measured on fbgemm-gpu-cpu 1.9.0: every CPU optimizer updates the rows exactly as with
+            # weight_decay 0, whatever the weight_decay_mode; of the CUDA kernels offered here only
+            # row-wise Adagrad reads weight_decay_mode
+            why = "FBGEMM's CPU kernels ignore it" if device_type == "cpu" else f"{self.name} has none"
+            raise ConfigError(
+                f"sparse_optimizer.weight_decay {self.weight_decay}: the tables would not decay ({why}); "
+                "it applies with sparse_optimizer.name rowwise_adagrad on CUDA"
+            )
+
+    def fused_params(self) -> dict[str, Any]:
+        """FBGEMM kernel settings the optimizer kwargs cannot carry (given to the sharders)."""
+        if not self.weight_decay:
+            return {}
+        from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+        return {"weight_decay_mode": WeightDecayMode.L2}  # torch's coupled decay: grad += wd * w
+
 
 class TorchRecStrategy(ParallelStrategy):
     """Lightning strategy for models whose embedding tables TorchRec shards across ranks."""
@@ -228,7 +253,7 @@ class TorchRecStrategy(ParallelStrategy):
             env=ShardingEnv.from_process_group(pg),
             device=self.root_device,
             plan=plan,
-            sharders=sharders(),
+            sharders=sharders(self.sparse_optimizer.fused_params()),
         )
 
     def sharded_modules(self) -> Iterator[tuple[str, DistributedModelParallel]]:
