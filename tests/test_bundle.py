@@ -58,6 +58,11 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root / "foreign", emb, foreign, IndexConfig(kind="flat"), query_encoder=None, meta=meta
     )
     other_world = prepare_synthetic(root / "tiny-seed1", "tiny", seed=1)
+    # the same item ids, but the manifest says another dataset trained it
+    write_retrieval_artifact(
+        root / "other-data", emb, ids, IndexConfig(kind="flat"), query_encoder=None,
+        meta={**meta, "data_fingerprint": "0" * 64},
+    )  # fmt: skip
     return {
         "root": root,
         "world": world,
@@ -65,6 +70,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ranking": root / "ranking",
         "retrieval": root / "retrieval",
         "foreign": root / "foreign",
+        "other_data": root / "other-data",
         "embeddings": root,
     }
 
@@ -149,6 +155,8 @@ def test_mismatched_inputs_are_refused_before_anything_is_written(
         export_bundle(parts["ranking"], {}, parts["other_world"], out)
     with pytest.raises(BundleError, match="item ids"):
         export_bundle(parts["ranking"], {"x": parts["foreign"]}, parts["world"], out)
+    with pytest.raises(BundleError, match="--retrieval x=.*different dataset"):
+        export_bundle(parts["ranking"], {"x": parts["other_data"]}, parts["world"], out)
     tampered = tmp_path / "ranking"
     shutil.copytree(parts["ranking"], tampered)
     (tampered / "feature_spec.json").write_text((tampered / "feature_spec.json").read_text() + " ")

@@ -236,19 +236,28 @@ def _check_retrieval(root: Path, name: str, items: IdLookup, fingerprint: str) -
             f"--retrieval {name}={root}: only {coverage:.1%} of its item ids are items of the "
             "dataset; was it trained on another dataset?"
         )
-    theirs = _fingerprint_of(manifest)
-    if theirs is not None and theirs != fingerprint:
-        raise BundleError(f"--retrieval {name}={root}: trained on a different dataset (fingerprint mismatch)")
+    theirs = _fingerprints_of(manifest)
+    if theirs - {fingerprint}:
+        raise BundleError(
+            f"--retrieval {name}={root}: trained on a different dataset (fingerprint {sorted(theirs)} != "
+            f"{fingerprint})"
+        )
     return manifest
 
 
-def _fingerprint_of(manifest: dict[str, Any]) -> str | None:
+def _fingerprints_of(manifest: dict[str, Any]) -> set[str]:
+    """The dataset fingerprints an artifact's manifest records (ranking: ``extra``; retrieval: per model)."""
     extra = manifest.get("extra", {})
+    found = set()
     dataset = extra.get("dataset")
     if isinstance(dataset, dict) and dataset.get("fingerprint"):
-        return str(dataset["fingerprint"])
-    value = extra.get("data_fingerprint")
-    return str(value) if value else None
+        found.add(str(dataset["fingerprint"]))
+    if extra.get("data_fingerprint"):
+        found.add(str(extra["data_fingerprint"]))
+    for model in manifest.get("models", {}).values():
+        if isinstance(model, dict) and model.get("data_fingerprint"):
+            found.add(str(model["data_fingerprint"]))
+    return found
 
 
 def export_bundle(
@@ -275,8 +284,8 @@ def export_bundle(
     fingerprint = dataset_fingerprint(ds.path)
     ranking_root = Path(ranking)
     rank_model = RankingModel.load(ranking_root)
-    theirs = _fingerprint_of(rank_model.manifest)
-    if theirs != fingerprint:
+    theirs = _fingerprints_of(rank_model.manifest)
+    if theirs != {fingerprint}:
         raise BundleError(
             f"--ranking {ranking_root}: trained on a different dataset than --dataset {ds.path} "
             f"(fingerprint {theirs} != {fingerprint})"
