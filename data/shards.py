@@ -27,6 +27,7 @@ so a failure never leaves a partial dataset behind. Columns can be appended chun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -364,6 +365,15 @@ class PreparedDataset:
 
     def iter_columns(self, table: str) -> Iterator[tuple[str, ColumnInfo]]:
         yield from self.tables[table].columns.items()
+
+
+def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 over a prepared dataset's meta.json and the names and sizes of its files."""
+    root = Path(path)
+    h = hashlib.sha256((root / "meta.json").read_bytes())
+    for p in sorted(root.rglob("*.npy")):
+        h.update(f"{p.relative_to(root).as_posix()}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 @contextmanager

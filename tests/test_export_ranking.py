@@ -26,14 +26,13 @@ from test_engine import torchrun, write_config
 from data.ctr import CTRBatchBuilder, CTRDataModule
 from data.prepare import hash_index
 from data.prepare import stable_hash as training_hash
-from data.shards import PreparedDataset
+from data.shards import PreparedDataset, dataset_fingerprint
 from serving.bundle import BundleError, verify
 from serving.features import FieldEncoder, IdLookup, stable_hash
 from serving.pt2 import check_archive, load_program, save_program
 from serving.ranking import RankingModel
 from trainer.config import load_config
 from trainer.export_ranking import (
-    dataset_fingerprint,
     export_ranking,
     load_training_model,
     max_lengths,

@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from data.retrieval import HISTORY, RetrievalDataModule, UserBatch
-from data.shards import SPLIT_CODES, PreparedDataset
+from data.shards import SPLIT_CODES, PreparedDataset, dataset_fingerprint
 from data.synthetic import PRESETS, generate
 from launch.cli import main as funnel
 from models.two_tower import TwoTower
 from serving.bundle import verify
 from trainer.checkpoint import save_unsharded
 from trainer.config import load_config
-from trainer.export_ranking import dataset_fingerprint
 from trainer.retrieval import (
     RetrievalLossConfig,
     build_two_tower,

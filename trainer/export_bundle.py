@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from data.shards import SPLIT_CODES, PreparedDataset
+from data.shards import SPLIT_CODES, PreparedDataset, dataset_fingerprint
 from serving.bundle import BundleError, atomic_directory, verify, write_manifest
 from serving.features import IdLookup, load_array
 from serving.ranking import RankingModel
-from trainer.export_ranking import dataset_fingerprint, framework_versions, pad_jagged
+from trainer.export_ranking import framework_versions, pad_jagged
 
 log = logging.getLogger(__name__)
 

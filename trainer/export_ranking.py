@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from data.ctr import CTRBatchBuilder, CTRDataModule, CTRSchema
-from data.shards import Jagged, PreparedDataset
+from data.shards import Jagged, PreparedDataset, dataset_fingerprint
 from models.deepfm import DeepFM, DeepFMConfig
 from serving.bundle import atomic_directory, write_manifest
 from serving.pt2 import save_program
@@ -226,15 +225,6 @@ def _batches(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 # -- feature spec ------------------------------------------------------------------------------------
-def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
-    """sha256 over a prepared dataset's meta.json and the names and sizes of its files."""
-    root = Path(path)
-    h = hashlib.sha256((root / "meta.json").read_bytes())
-    for p in sorted(root.rglob("*.npy")):
-        h.update(f"{p.relative_to(root).as_posix()}:{p.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
 def _source_specs(ds: PreparedDataset) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in ds.meta.get("feature_spec", []) if isinstance(s, dict) and "name" in s}
 

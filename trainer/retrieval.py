@@ -533,7 +533,7 @@ def export_two_tower(
     precomputed user embeddings, so serving can embed a new user or a user's latest history from
     raw ids. The ANN evaluation uses real user queries (the test users, else the validation ones).
     """
-    from trainer.export_ranking import dataset_fingerprint
+    from data.shards import dataset_fingerprint
     from trainer.faiss_export import write_retrieval_artifact
 
     module, dm = build_two_tower(cfg)

@@ -512,8 +512,8 @@ def export_sequential(
     query vector, scored against the index by inner product. The ANN evaluation uses the query
     vectors of real test users.
     """
+    from data.shards import dataset_fingerprint
     from trainer.checkpoint import load_unsharded
-    from trainer.export_ranking import dataset_fingerprint
     from trainer.faiss_export import IndexConfig, write_retrieval_artifact
     from trainer.retrieval import model_fingerprint
 
