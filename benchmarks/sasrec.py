@@ -140,8 +140,11 @@ def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path,
                        "test_wall_s": round(test_wall, 1)})  # fmt: skip
         curve = validation_curve(run_dir)
         last = curve[-1] if curve else {}
-        print(f"[{loss}] {epochs} epochs, {train_wall / 60:.1f} min training, load {load_after}: val {last}, "
-              f"test sampled NDCG@10 {test['sampled_ndcg@10']} HR@10 {test['sampled_hr@10']}", flush=True)
+        print(
+            f"[{loss}] {epochs} epochs, {train_wall / 60:.1f} min training, load {load_after}: val {last}, "
+            f"test sampled NDCG@10 {test['sampled_ndcg@10']} HR@10 {test['sampled_hr@10']}",
+            flush=True,
+        )
         if reached(test, "") and first is None:
             first = chunks[-1]
             break
@@ -260,13 +263,16 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<12}" + "".join(f"{values.get(c, float('nan')):>16.4f}" for c in cols))
     for loss, run in results["runs"].items():
         lines.append(
-            f"{'SASRec ' + loss:<12}" + "".join(f"{run['test'].get(c, float('nan')):>16.4f}" for c in cols)
+            f"{'SASRec ' + loss:<12}"
+            + "".join(f"{run['test'].get(c, float('nan')):>16.4f}" for c in cols)
             + f"{run['epochs']:>8}{run['train_wall_s'] / 60:>11.1f}{run['samples_per_sec'] or 0:>11.0f}"
         )
         reach = "test did not reach the paper's numbers within the budget"
         if run["reached_paper_on_test"]:
-            reach = (f"test reached the paper's numbers after {run['epoch_reaching_paper']} epochs "
-                     f"({run['train_wall_s_reaching_paper'] / 60:.1f} min of training)")
+            reach = (
+                f"test reached the paper's numbers after {run['epoch_reaching_paper']} epochs "
+                f"({run['train_wall_s_reaching_paper'] / 60:.1f} min of training)"
+            )
         lines.append(f"{'':<12}{loss}: {reach}")
     lines.append(f"total wall time {results['total_wall_s'] / 60:.1f} min")
     return "\n".join(lines)

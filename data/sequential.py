@@ -167,8 +167,10 @@ class SequenceSplits:
         train_mask = np.arange(len(self.values)) < np.repeat(self.offsets[:-1] + self.train_len, lengths)
         self.train_counts = np.bincount(self.values[train_mask], minlength=self.num_items).astype(np.int64)
         self.train_counts[PAD] = 0
-        weights = self.train_counts[1:] + 1.0 if self.negatives.sampler == "popularity" else np.ones(
-            self.num_items - 1
+        weights = (
+            self.train_counts[1:] + 1.0
+            if self.negatives.sampler == "popularity"
+            else np.ones(self.num_items - 1)
         )
         self.proposal = np.concatenate([[0.0], weights / weights.sum()])
         self._proposal_cum = np.cumsum(self.proposal[1:])

@@ -246,10 +246,20 @@ def _sequential_parser(sub: Any) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. final.ckpt)")
     p.add_argument("--config", type=Path, required=True, help="the run's YAML config")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, as for training (repeatable)")
-    p.add_argument("--index", choices=("flat", "ivf_flat", "ivf_pq", "hnsw"), default=None,
-                   help="index kind (default: exact search)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as for training (repeatable)",
+    )
+    p.add_argument(
+        "--index",
+        choices=("flat", "ivf_flat", "ivf_pq", "hnsw"),
+        default=None,
+        help="index kind (default: exact search)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an artifact of another model at --out")
 
     def run(args: argparse.Namespace) -> int:

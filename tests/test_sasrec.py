@@ -333,8 +333,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(cfg, tmp_path_factory.mktemp("data") / "seq")
 
 
-def write_config(path: Path, dataset: Path, run_dir: Path, model_name: str = "sasrec", **sections: dict
-                 ) -> Path:
+def write_config(
+    path: Path, dataset: Path, run_dir: Path, model_name: str = "sasrec", **sections: dict
+) -> Path:
     cfg = {
         "model_name": model_name,
         "model": {**MODEL, "loss": "ce"},
@@ -439,8 +440,9 @@ def test_two_rank_evaluation_equals_brute_force(trained: Path, world: Path) -> N
         assert best[name] - worst[name] <= 2 / len(rows), name  # a near-tie or two at most: still tight
 
 
-def reference_training(dataset: Path, loss: str, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
-                       ) -> dict[str, torch.Tensor]:
+def reference_training(
+    dataset: Path, loss: str, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
+) -> dict[str, torch.Tensor]:
     """Plain single-process training on the global batches: unsharded table, torch SGD + Adam.
 
     The losses are written out here from their definitions (full-catalog cross-entropy, the paper's
@@ -572,8 +574,9 @@ def test_distributed_logsumexp_equals_single_process(tmp_path: Path) -> None:
 
 # -- export ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_export_writes_an_index_and_a_standalone_query_encoder(trained: Path, world: Path, tmp_path: Path
-                                                               ) -> None:
+def test_export_writes_an_index_and_a_standalone_query_encoder(
+    trained: Path, world: Path, tmp_path: Path
+) -> None:
     import faiss
 
     from serving.bundle import verify
