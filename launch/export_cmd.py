@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.overrides import add_override_argument
+
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
@@ -66,20 +68,18 @@ def _run(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Nam
     return func
 
 
-# -- export retrieval ----------------------------------------------------------------------------
-def _retrieval_parser(sub: Any) -> None:
-    p = sub.add_parser("retrieval", help="two-tower checkpoint -> FAISS index + query encoder")
+def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """What every artifact export starts from: a training checkpoint, its run config, the output."""
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. final.ckpt)")
     p.add_argument("--config", type=Path, required=True, help="the run's YAML config")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, as for training (repeatable)",
-    )
+    add_override_argument(p, "model.eval.history_length=50")
+
+
+# -- export retrieval ----------------------------------------------------------------------------
+def _retrieval_parser(sub: Any) -> None:
+    p = sub.add_parser("retrieval", help="two-tower checkpoint -> FAISS index + query encoder")
+    _checkpoint_arguments(p)
     p.add_argument("--index", choices=("flat", "ivf_flat", "ivf_pq", "hnsw"), default="flat")
     # None = IndexConfig's default (trainer.faiss_export), so the defaults live in one place
     index = p.add_argument_group("index parameters (default: trainer.faiss_export.IndexConfig)")
@@ -116,22 +116,12 @@ def _export_retrieval(args: argparse.Namespace) -> None:
 # -- export ranking ------------------------------------------------------------------------------
 def _ranking_parser(sub: Any) -> None:
     p = sub.add_parser("ranking", help="DeepFM checkpoint -> torch.export ranking artifact + feature spec")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. final.ckpt)")
-    p.add_argument("--config", type=Path, required=True, help="the run's YAML config")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    _checkpoint_arguments(p)
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "int8"),
         default="fp32",
         help="embedding tables: fp32, fp16 or row-wise int8 (default fp32)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, as for training (repeatable)",
     )
     p.add_argument("--run-id", help="training run id for the manifest (default: the W&B run id or run dir)")
     p.add_argument("--eval-rows", type=int, help="score at most this many test rows (default: all)")
@@ -243,17 +233,7 @@ def _export_bundle(args: argparse.Namespace) -> None:
 # -- export sequential ---------------------------------------------------------------------------
 def _sequential_parser(sub: Any) -> None:
     p = sub.add_parser("sequential", help="SASRec/GRU4Rec checkpoint -> FAISS index + sequence encoder")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. final.ckpt)")
-    p.add_argument("--config", type=Path, required=True, help="the run's YAML config")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, as for training (repeatable)",
-    )
+    _checkpoint_arguments(p)
     p.add_argument(
         "--index",
         choices=("flat", "ivf_flat", "ivf_pq", "hnsw"),

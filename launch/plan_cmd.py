@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trainer.overrides import add_override_argument
+
 if TYPE_CHECKING:  # heavy imports stay inside the functions: `funnel --help` must stay fast
     from torch import nn
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -89,14 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compute-device", choices=["cuda", "cpu"], default="cuda", help="device the ranks train on"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set sharding.sharding_types=[table_wise] (repeatable)",
-    )
+    add_override_argument(parser, "sharding.sharding_types=[table_wise]")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--torchrec-stats", action="store_true", help="also print TorchRec's own planner statistics table"

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from trainer.overrides import add_override_argument
+
 RESUME_KEYWORDS = ("auto", "none")
 # Multi-node only. By default torchrun's workers share the rendezvous store across restarts and
 # tell attempts apart by TORCHELASTIC_RESTART_COUNT, which each node's agent counts for itself: an
@@ -74,14 +76,7 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-rank", type=int, default=None, help="this node's rank, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's rendezvous address")
     parser.add_argument("--rdzv-id", help="job id, the same on every node (default: funnel-MODEL)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set trainer.max_epochs=2 (repeatable)",
-    )
+    add_override_argument(parser, "trainer.max_epochs=2")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
 

@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from trainer.callbacks import FaultInjection, ShardingReport, Throughput
 from trainer.config import RunConfig, load_config, to_dict
+from trainer.overrides import add_override_argument
 from trainer.sharding import ConfigError, format_plan
 from trainer.strategy import TorchRecStrategy, load_module_state
 
@@ -344,14 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", help="recipe name (overrides model_name in the config)")
     p.add_argument("--config", help="YAML config (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set trainer.max_epochs=2 (repeatable)",
-    )
+    add_override_argument(p, "trainer.max_epochs=2")
     p.add_argument(
         "--resume", default=None, help="'auto' (last checkpoint of run_dir, if any) or a checkpoint path"
     )
