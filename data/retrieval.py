@@ -19,7 +19,8 @@ stage may see (:data:`VISIBLE`), so no held-out item ever becomes a feature. For
 temporal (a random hold-out per user, such as the LCF/UltraGCN files) "before" has no meaning at test
 time; ``history_mode="others"`` then uses the user's *other* visible items (never the interaction's
 own item), at most ``history_length`` of them drawn at random, the behaviour aggregation of
-YouTube DNN / SimpleX. Evaluation queries may take longer bags (``eval_history_length``). The
+YouTube DNN / SimpleX. ``history_dropout`` then drops each training bag item with that probability
+(never an evaluation one). Evaluation queries may take longer bags (``eval_history_length``). The
 ``sequences`` rows must line up with the ``interactions`` rows (what ``funnel data prepare`` and the
 synthetic generator write); that is checked on load. Index 0 of any field is unknown/padding and
 is never sent: an unknown id is an empty bag, which pools to zero.
@@ -54,6 +55,7 @@ VISIBLE = {"train": ("train",), "val": ("train",), "test": ("train", "val")}
 _NEGATIVES_STREAM = 0x7E6
 _HISTORY_STREAM = 0x415
 _VALIDATION_STREAM = 0x7A1
+_DROPOUT_STREAM = 0xD20
 
 BatchT = TypeVar("BatchT", bound="_TensorBatch")
 
@@ -301,9 +303,12 @@ class _History:
         length: int,
         mode: str,
         seed: int,
+        dropout: float = 0.0,
     ) -> None:
         if mode not in HISTORY_MODES:
             raise ValueError(f"model.history_mode {mode!r}: choose one of {HISTORY_MODES}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.history_dropout must be in [0, 1), got {dropout}")
         self.visible = visible
         self.compact = np.asarray(items, dtype=np.int64)[visible]
         self.cum = np.concatenate([[0], np.cumsum(visible, dtype=np.int64)])
@@ -311,6 +316,7 @@ class _History:
         self.length = length
         self.mode = mode
         self.seed = seed
+        self.dropout = dropout
 
     def of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(values, lengths)`` of the bags of interaction ``rows``."""
@@ -320,7 +326,7 @@ class _History:
         if self.mode == "recent":
             hi = self.cum[rows]
             lo = np.maximum(first, hi - self.length)
-            return _drop_unknown(self.compact[_ranges(lo, hi - lo)], hi - lo)
+            return self._drop(rows, *_drop_unknown(self.compact[_ranges(lo, hi - lo)], hi - lo))
         # others: the user's visible items except this row's own, sampled (with replacement: an
         # unbiased bag mean) when there are more than `length`; keyed by the rows, so reproducible
         own = np.where(self.visible[rows], self.cum[rows], -1)
@@ -334,7 +340,26 @@ class _History:
         pos = np.repeat(first, lengths) + k
         owner = np.repeat(own, lengths)
         pos += (owner >= 0) & (pos >= owner)  # skip the row's own item
-        return _drop_unknown(self.compact[pos], lengths)
+        return self._drop(rows, *_drop_unknown(self.compact[pos], lengths))
+
+    def _drop(
+        self, rows: np.ndarray, values: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each bag item dropped with probability ``dropout``, one kept per non-empty bag.
+
+        Input dropout of denoising autoencoders (Mult-DAE): without it a user with fewer items than
+        ``length`` sees the same bag (minus the target) in every one of their training rows.
+        """
+        if not self.dropout or not len(values):
+            return values, lengths
+        rng = np.random.default_rng([self.seed, _DROPOUT_STREAM, zlib.crc32(rows.tobytes())])
+        keep = rng.random(len(values)) >= self.dropout
+        starts = np.cumsum(lengths) - lengths
+        nonempty = lengths > 0
+        row_of = np.repeat(np.arange(len(lengths)), lengths)
+        kept = np.bincount(row_of[keep], minlength=len(lengths))
+        keep[starts[nonempty & (kept == 0)]] = True  # an empty bag would say "no history"
+        return values[keep], np.bincount(row_of[keep], minlength=len(lengths)).astype(np.int64)
 
 
 @dataclass
@@ -366,6 +391,7 @@ class RetrievalDataModule(ShardedDataModule):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         val_fraction: float = 0.0,
         eval_history_length: int | None = None,
+        history_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_negatives < 0:
@@ -389,6 +415,9 @@ class RetrievalDataModule(ShardedDataModule):
         if history_mode not in HISTORY_MODES:
             raise ValueError(f"model.history_mode {history_mode!r}: choose one of {HISTORY_MODES}")
         self.history_mode = history_mode
+        if not 0.0 <= history_dropout < 1.0:
+            raise ValueError(f"model.history_dropout must be in [0, 1), got {history_dropout}")
+        self.history_dropout = history_dropout
         self.dataset = ds = PreparedDataset(self.path)
         self.schema = RetrievalSchema.from_dataset(ds, user_features, item_features, history_length)
         self.inter_user = np.asarray(ds.column("interactions", "user"), dtype=np.int64)
@@ -409,7 +438,7 @@ class RetrievalDataModule(ShardedDataModule):
         self.item_prob = (self.item_counts / self.item_counts.sum()).astype(np.float32)
         self._users = _SideColumns(ds, "users", "user", self.schema.user_features)
         self._items = _SideColumns(ds, "items", "item", self.schema.item_features)
-        self._histories: dict[tuple[tuple[str, ...], int], _History] = {}
+        self._histories: dict[tuple[tuple[str, ...], int, float], _History] = {}
         self._eval_users: dict[str, EvalUsers | None] = {}
 
     # -- dataset layout -------------------------------------------------------------------------
@@ -446,12 +475,14 @@ class RetrievalDataModule(ShardedDataModule):
     def _history(self, stage: str) -> _History:
         visible = VISIBLE[stage]
         length = self.schema.history_length if stage == "train" else self.eval_history_length
-        if (visible, length) not in self._histories:
+        dropout = self.history_dropout if stage == "train" else 0.0  # queries are never thinned
+        key = (visible, length, dropout)
+        if key not in self._histories:
             mask = np.isin(self.codes, [SPLIT_CODES[s] for s in visible])
-            self._histories[visible, length] = _History(
-                self.inter_item, self.seq_offsets, mask, length, self.history_mode, self.seed
+            self._histories[key] = _History(
+                self.inter_item, self.seq_offsets, mask, length, self.history_mode, self.seed, dropout
             )
-        return self._histories[visible, length]
+        return self._histories[key]
 
     def eval_users(self, stage: str) -> EvalUsers | None:
         """Users with at least one ``stage`` target not seen in the visible splits (None if none)."""

@@ -144,9 +144,14 @@ class TwoTower(nn.Module):
         )
 
     def forward(
-        self, features: KeyedJaggedTensor, num_queries: int, num_items: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User embeddings of the first ``num_queries`` rows, item embeddings of the last ``num_items``."""
+        self, features: KeyedJaggedTensor, num_queries: int, num_items: int, with_user_norms: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """User embeddings of the first ``num_queries`` rows, item embeddings of the last ``num_items``.
+
+        ``with_user_norms`` adds a third output, ``[num_queries]`` squared L2 norms of each query's
+        user-feature embeddings (summed over the features): what an embedding regulariser of the
+        user-id rows penalises (SimpleX), which the normalised outputs cannot show.
+        """
         pooled = self.sparse_arch(features).to_dict()
         rows = pooled[self.config.item_feature].shape[0]
         if self.config.bag_features:
@@ -155,11 +160,16 @@ class TwoTower(nn.Module):
             for f in self.config.bag_features:
                 count = lengths[keys.index(f)].clamp(min=1).unsqueeze(1)
                 pooled[f] = pooled[f] / count.to(pooled[f].dtype)
-        user = self.user_tower(torch.cat([pooled[f][:num_queries] for f in self.config.query_features], 1))
-        item = self.item_tower(
-            torch.cat([pooled[f][rows - num_items :] for f in self.config.candidate_features], 1)
-        )
-        return F.normalize(user, dim=-1), F.normalize(item, dim=-1)
+        user_input = torch.cat([pooled[f][:num_queries] for f in self.config.query_features], 1)
+        user = F.normalize(self.user_tower(user_input), dim=-1)
+        item_input = torch.cat([pooled[f][rows - num_items :] for f in self.config.candidate_features], 1)
+        item = F.normalize(self.item_tower(item_input), dim=-1)
+        if not with_user_norms:
+            return user, item
+        norms = user.new_zeros(num_queries)
+        for f in self.config.user_features:
+            norms = norms + pooled[f][:num_queries].pow(2).sum(1)
+        return user, item, norms
 
 
 class QueryEncoder(nn.Module):

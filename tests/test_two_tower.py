@@ -26,11 +26,13 @@ from data.synthetic import PRESETS, generate
 from launch.cli import main as funnel
 from models.two_tower import TwoTower
 from serving.bundle import verify
-from trainer.checkpoint import save_unsharded
+from trainer.checkpoint import load_unsharded, save_unsharded
 from trainer.config import load_config
+from trainer.logq import StreamingItemFrequency
 from trainer.retrieval import (
     RetrievalLossConfig,
     build_two_tower,
+    cosine_contrastive_loss,
     mixture_log_q,
     retrieval_loss,
     sampled_softmax_loss,
@@ -112,6 +114,58 @@ def test_in_batch_loss_matches_hand_computation() -> None:
         -2 + math.log(math.exp(1.92) + math.exp(1.6) + math.exp(2) + math.exp(1.2)),
     ]) / 3  # fmt: skip
     assert plain.item() == pytest.approx(no_correction, rel=1e-6)
+
+
+def test_cosine_contrastive_loss_matches_hand_computation() -> None:
+    """SimpleX's CCL: 1 - cos(positive) + w * mean over the allowed negatives of relu(cos - margin)."""
+    q = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    cands = [[0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]
+    items, users, prob = [5, 7, 9, 5], [1, 2, 1, 0], [0.5, 0.25, 0.25, 0.5]
+    margin, weight = 0.5, 10.0
+
+    def cos(i: int, j: int) -> float:
+        return sum(x * y for x, y in zip(q[i], cands[j], strict=True))
+
+    def ccl(row: int, negatives: list[int]) -> float:
+        pushed = [max(cos(row, j) - margin, 0.0) for j in negatives]
+        return 1 - cos(row, row) + weight * sum(pushed) / len(pushed)
+
+    # accidental hits as in the softmax test: query 0 loses columns 2 (its user) and 3 (its item)
+    expected = (ccl(0, [1]) + ccl(1, [0, 2, 3]) + ccl(2, [1, 3])) / 3
+    t = torch.tensor
+    cfg = RetrievalLossConfig(kind="ccl", num_negatives=1, margin=margin, negative_weight=weight)
+    got = retrieval_loss(t(q), t(cands), t(items), t(users), t(prob), cfg=cfg, temperature=0.1, num_items=10)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # uniform negatives only (SimpleX): the other queries' positives leave the pool
+    uniform = dataclasses.replace(cfg, in_batch_negatives=False)
+    got = retrieval_loss(
+        t(q), t(cands), t(items), t(users), t(prob), cfg=uniform, temperature=0.1, num_items=10
+    )
+    assert got.item() == pytest.approx((ccl(1, [3]) + ccl(2, [3])) / 3 + (1 - cos(0, 0)) / 3, rel=1e-6)
+    plain = cosine_contrastive_loss(t(q), t(cands), torch.arange(3), margin=margin, negative_weight=weight)
+    assert plain.item() == pytest.approx((ccl(0, [1, 2, 3]) + ccl(1, [0, 2, 3]) + ccl(2, [0, 1, 3])) / 3)
+
+
+def test_uniform_only_pool_is_the_softmax_over_the_positive_and_the_samples() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 5, 4, 3
+    q = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    cands = torch.nn.functional.normalize(torch.randn(b + n, d, generator=g), dim=1)
+    items = torch.arange(1, b + n + 1)
+    users, prob = torch.cat([torch.arange(1, b + 1), torch.zeros(n, dtype=torch.int64)]), torch.rand(b + n)
+    cfg = RetrievalLossConfig(num_negatives=n, in_batch_negatives=False)
+    got = retrieval_loss(q, cands, items, users, prob, cfg=cfg, temperature=0.2, num_items=50)
+    # uniform samples only: log Q is the same constant for every candidate, so it cancels
+    want = sum(
+        torch.nn.functional.cross_entropy((q[i] @ torch.cat([cands[i : i + 1], cands[b:]]).T / 0.2)[None],
+                                          torch.tensor([0]))
+        for i in range(b)
+    ) / b  # fmt: skip
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="in_batch_negatives false needs model.loss.num_negatives"):
+        RetrievalLossConfig(in_batch_negatives=False)
+    with pytest.raises(ValueError, match="model.loss.kind 'bpr'"):
+        RetrievalLossConfig(kind="bpr")
 
 
 CROSS_RANK_SCRIPT = r"""
@@ -249,6 +303,73 @@ def test_others_history_never_holds_the_interactions_own_item(world: Path) -> No
         assert {i for i in arrays["history"][k] if i} <= visible
 
 
+def test_history_dropout_thins_training_bags_only(world: Path) -> None:
+    """history_dropout: each training bag keeps a random subset (never empty), queries keep every item."""
+    full = RetrievalDataModule(world, history_length=50, history_mode="others", split="random")
+    thin = RetrievalDataModule(
+        world, history_length=50, history_mode="others", split="random", history_dropout=0.6
+    )
+    rows = np.flatnonzero(thin.codes == SPLIT_CODES["train"])[:400]
+    a = full.train_batch(rows).features.to_dict()[HISTORY]
+    b = thin.train_batch(rows).features.to_dict()[HISTORY]
+    kept = 0
+    for k in range(len(rows)):
+        bag = a.values()[a.offsets()[k] : a.offsets()[k + 1]].tolist()
+        sub = b.values()[b.offsets()[k] : b.offsets()[k + 1]].tolist()
+        assert set(sub) <= set(bag) and (len(sub) > 0) == (len(bag) > 0)
+        kept += len(sub)
+    assert 0.3 < kept / a.lengths().sum().item() < 0.5  # ~40% kept, plus one per otherwise empty bag
+    again = thin.train_batch(rows).features.to_dict()[HISTORY]
+    assert again.values().tolist() == b.values().tolist()  # keyed by the rows: reproducible
+    index = np.arange(30)
+    queries = thin.query_arrays("test", index)["history"]
+    assert np.array_equal(queries, full.query_arrays("test", index)["history"])
+    with pytest.raises(ValueError, match=r"model.history_dropout must be in \[0, 1\)"):
+        RetrievalDataModule(world, history_dropout=1.0)
+
+
+def test_user_norms_are_the_squared_norms_of_the_user_feature_rows(world: Path) -> None:
+    """The input of the user-id regulariser, which the unit-norm outputs cannot show."""
+    module, dm = build_two_tower(load_config(CONFIG, [f"data.path={world}", "model.loss.user_l2=0.1"]))
+    torch.manual_seed(0)
+    model = TwoTower(module.config)
+    batch = dm.train_batch(np.flatnonzero(dm.codes == SPLIT_CODES["train"])[:16], num_negatives=4)
+    user, item, norms = model(batch.features, 16, 20, True)
+    pooled = model.sparse_arch(batch.features).to_dict()
+    want = sum(pooled[f][:16].pow(2).sum(1) for f in module.config.user_features)
+    assert torch.allclose(norms, want) and norms.min() > 0
+    assert torch.allclose(user.norm(dim=1), torch.ones(16))
+    assert torch.allclose(item.norm(dim=1), torch.ones(20))
+    same_user, same_item = model(batch.features, 16, 20)
+    assert torch.equal(same_user, user) and torch.equal(same_item, item)
+
+
+def test_streaming_logq_loss_converges_to_the_data_frequencies_loss(world: Path) -> None:
+    """logq_source=streaming: fed the training stream, the estimate gives the data counts' loss."""
+    dm = RetrievalDataModule(world, batch_size=512, history_length=5)
+    num_items = dm.schema.num_items
+    freq = StreamingItemFrequency(num_items + 1, num_items)
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(num_items + 1, 16, generator=g), dim=1)
+    probe = dm.train_batch(np.flatnonzero(dm.codes == SPLIT_CODES["train"])[:512], num_negatives=64)
+    query = table[torch.randint(1, num_items + 1, (probe.num_queries,), generator=g)]
+    cfg = RetrievalLossConfig(num_negatives=64)
+
+    def loss(prob: torch.Tensor) -> float:
+        args = (query, table[probe.item], probe.item, probe.user, prob)
+        return retrieval_loss(*args, cfg=cfg, temperature=0.1, num_items=num_items).item()
+
+    reference = loss(probe.item_prob)
+    gaps = []
+    loader = dm.make_loader("train", 0, 1)
+    for batch in loader:  # one epoch of the real batches, in the training order
+        freq.update(batch.item[: batch.num_queries])
+        gaps.append(abs(loss(freq.probability(probe.item).float()) - reference) / reference)
+    assert gaps[-1] < 0.01 and gaps[-1] < gaps[0] / 5, (gaps[0], gaps[-1])
+    with pytest.raises(ValueError, match="model.loss.logq_source 'batch'"):
+        RetrievalLossConfig(logq_source="batch")
+
+
 def test_validation_hold_out_moves_a_share_of_each_users_training_rows(world: Path) -> None:
     """model.val_fraction: a validation split carved from training only (the test split untouched)."""
     stored = RetrievalDataModule(world, split="random", fractions=(0.9, 0.0, 0.1))
@@ -383,6 +504,27 @@ def test_two_rank_row_wise_training_beats_popularity(trained: Path, world: Path)
         assert m[f"test/ndcg@{k}"] > m[f"test/pop_ndcg@{k}"]
         assert 0 < m[f"test/recall@{k}"] <= m[f"test/hr@{k}"] + 1e-9  # one target per user here: equal
     assert m["val/recall@20"] > m["val/pop_recall@20"]
+
+
+@pytest.mark.slow
+def test_streaming_logq_sees_the_global_batch_and_is_checkpointed(world: Path, tmp_path: Path) -> None:
+    """2 ranks: the estimator is fed the global batch's positives (both ranks identical) and saved."""
+    run = tmp_path / "run"
+    sets = [*_overrides(world, run)[1::2], "model.loss.logq_source=streaming", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=12", "trainer.test_after_fit=false",
+            "model.lr_decay_to=0.1"]  # fmt: skip
+    torchrun(2, ["-m", "trainer", "--config", str(CONFIG), *[a for s in sets for a in ("--set", s)]])
+    freq = StreamingItemFrequency(1001, 1000)
+    load_unsharded(freq, run / "checkpoints" / "final.ckpt", prefix="item_frequency.")
+    assert int(freq.step) == 12 and float(freq.rows_per_step) == 512  # the global batch, not a rank's half
+    dm = RetrievalDataModule(world)
+    head = np.argsort(dm.item_counts)[::-1][:20]
+    estimate = freq.probability(torch.from_numpy(head.copy())).numpy()
+    assert np.corrcoef(estimate, dm.item_prob[head])[0, 1] > 0.5
+    # lr_decay_to 0.1: the cosine factor falls from 1 towards 0.1 over the 12 steps (logged every 5)
+    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
+    factors = [float(r["train/lr_factor"]) for r in rows if r.get("train/lr_factor")]
+    assert factors == sorted(factors, reverse=True) and 0.1 < factors[-1] < 0.3 and factors[0] > 0.5
 
 
 def _model_and_data(world: Path, trained: Path) -> tuple[TwoTower, RetrievalDataModule]:

@@ -19,6 +19,15 @@ and every rank's item tower learns from every rank's queries).
 * Accidental hits: a candidate that is another positive of the query's user (the same item id,
   or any item of the same user in the batch) is removed from that query's softmax instead of
   being pushed away.
+* ``logq_source: streaming`` replaces the training split's item shares by Yi et al.'s online
+  estimate (:class:`trainer.logq.StreamingItemFrequency`, fed the global batch's positives on every
+  rank, so all ranks hold the same estimate; its state is checkpointed with the module).
+* ``kind: ccl``: SimpleX's cosine contrastive loss (Mao et al., CIKM 2021) on the same pool instead
+  of the softmax; ``in_batch_negatives: false`` keeps only the uniform samples as negatives (the
+  pool SimpleX draws). ``user_l2`` penalises the squared norms of the batch's user-feature rows.
+
+Training may decay every learning rate (dense and the tables' fused optimizers) along a cosine to
+``model.lr_decay_to`` times its configured value.
 
 Evaluation: every rank computes the embeddings of a slice of the catalog through the sharded
 item tower (all ranks together, since the tables are sharded), the slices are all-gathered, and
@@ -33,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +59,7 @@ from models.two_tower import QueryEncoder, TwoTower, TwoTowerConfig
 from trainer.checkpoint import load_unsharded
 from trainer.collectives import AllGatherRows, gather_rows, rank_and_world
 from trainer.config import DenseOptimizerConfig, RunConfig, load_config
+from trainer.logq import StreamingItemFrequency
 from trainer.module import ShardedModule
 from trainer.sharding import ConfigError
 from trainer.topk_metrics import TopKAccumulator, mask_scores, metric_names, topk_metrics_from_scores
@@ -59,6 +70,7 @@ DEFAULT_KS = (10, 20, 50, 100)
 
 
 LOSS_KINDS = ("softmax", "ccl")
+LOGQ_SOURCES = ("data", "streaming")
 
 
 @dataclass
@@ -66,20 +78,28 @@ class RetrievalLossConfig:
     kind: str = "softmax"  # softmax: sampled softmax | ccl: SimpleX's cosine contrastive loss
     logq_correction: bool = True
     logq_weight: float = 1.0  # scales the correction: 1 = unbiased full softmax, > 1 favours popular items
+    # data: item shares of the training split; streaming: estimated online from the batches' items
+    # (Yi et al.'s Algorithm 2, trainer.logq), for streams whose frequencies are not known up front
+    logq_source: str = "data"
     num_negatives: int = 0  # uniformly sampled items per global batch (mixed negatives); 0 = in-batch only
     remove_accidental_hits: bool = True
     cross_rank_negatives: bool = True  # all-gather candidates so the pool is the global batch
     in_batch_negatives: bool = True  # False: only the uniformly sampled items are negatives
     margin: float = 0.9  # ccl: negatives with a cosine below the margin cost nothing
     negative_weight: float = 1.0  # ccl: weight of the mean negative term against the positive one
+    user_l2: float = 0.0  # L2 penalty on the batch's user-feature embeddings (SimpleX's regulariser)
 
     def __post_init__(self) -> None:
+        if self.logq_source not in LOGQ_SOURCES:
+            raise ValueError(f"model.loss.logq_source {self.logq_source!r}: choose one of {LOGQ_SOURCES}")
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"model.loss.kind {self.kind!r}: choose one of {LOSS_KINDS}")
         if not self.logq_weight >= 0:
             raise ValueError(f"model.loss.logq_weight must be >= 0, got {self.logq_weight}")
         if not -1.0 <= self.margin <= 1.0:
             raise ValueError(f"model.loss.margin must be a cosine in [-1, 1], got {self.margin}")
+        if not self.user_l2 >= 0:
+            raise ValueError(f"model.loss.user_l2 must be >= 0, got {self.user_l2}")
         if not self.negative_weight > 0:
             raise ValueError(f"model.loss.negative_weight must be > 0, got {self.negative_weight}")
         if not self.in_batch_negatives and self.num_negatives <= 0:
@@ -125,7 +145,7 @@ def cosine_contrastive_loss(
     ``1 - cos(u, pos) + negative_weight * mean_j relu(cos(u, j) - margin)`` over the candidates that
     are neither the positive nor ``excluded [B, C]`` (accidental hits, candidates kept out of the pool).
     """
-    cos = query @ candidates.T
+    cos = F.normalize(query, dim=-1) @ F.normalize(candidates, dim=-1).T  # a no-op on unit towers
     rows = torch.arange(len(labels), device=cos.device)
     negative = torch.ones_like(cos, dtype=torch.bool)
     negative[rows, labels] = False
@@ -245,10 +265,14 @@ class TwoTowerModule(ShardedModule):
         popularity_baseline: bool = True,
         dense_optimizer: DenseOptimizerConfig | None = None,
         init_seed: int = 0,
+        lr_decay_to: float = 1.0,
     ) -> None:
         super().__init__(dense_optimizer, init_seed)
         if not ks or min(ks) <= 0:
             raise ConfigError(f"model.eval.ks must be positive cut-offs, got {list(ks)}")
+        if not 0.0 <= lr_decay_to <= 1.0:
+            raise ConfigError(f"model.lr_decay_to must be in [0, 1], got {lr_decay_to}")
+        self.lr_decay_to = lr_decay_to
         self.config = config
         self.loss_config = loss or RetrievalLossConfig()
         self.ks = tuple(sorted(set(int(k) for k in ks)))
@@ -258,6 +282,15 @@ class TwoTowerModule(ShardedModule):
         self._accumulators = {"model": TopKAccumulator(names), "pop": TopKAccumulator(names)}
         self._item_table: torch.Tensor | None = None
         self._popularity: torch.Tensor | None = None
+        self.item_frequency: StreamingItemFrequency | None = None  # logq_source=streaming: configure_model
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.loss_config.logq_source == "streaming" and self.item_frequency is None:
+            # Registered after the sharded model on purpose: DistributedModelParallel.state_dict prefixes
+            # every key already in the shared state dict with its own name, so buffers of a module
+            # registered before it would be saved as "model.item_frequency.*" and not load back.
+            self.item_frequency = StreamingItemFrequency(self.num_items + 1, self.num_items)
 
     def build_model(self, device: torch.device) -> nn.Module:
         return TwoTower(self.config, device=device)
@@ -269,14 +302,59 @@ class TwoTowerModule(ShardedModule):
         return dm
 
     # -- training ---------------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Cosine decay from 1 to ``lr_decay_to`` over the run's optimizer steps (1 without decay)."""
+        if self.lr_decay_to == 1.0:
+            return 1.0
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        progress = min(step / total, 1.0)
+        return self.lr_decay_to + (1 - self.lr_decay_to) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> Any:
+        configured = super().configure_optimizers()
+        if self.lr_decay_to == 1.0:
+            return configured
+        if isinstance(configured, dict):
+            opt, warmup = configured["optimizer"], self.dense_optimizer.warmup_steps
+        else:
+            opt, warmup = configured, 0
+
+        def factor(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) * self.lr_factor(step) if warmup else self.lr_factor(step)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.lr_decay_to == 1.0:
+            return
+        # The embedding tables' optimizers are fused into the backward, outside Lightning's
+        # schedulers: their rate is set here, from the step, so a resumed run continues the curve.
+        factor = self.lr_factor(self.global_step)
+        self.log("train/lr_factor", factor, batch_size=1)
+        for _, dmp in self.trainer.strategy.sharded_modules():  # type: ignore[attr-defined]
+            for group in dmp.fused_optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+            dmp.fused_optimizer.zero_grad()  # what pushes param_groups' lr into the FBGEMM kernels
+
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         assert self.model is not None
         b = batch.num_queries
-        query, items = self.model(batch.features, b, batch.item.shape[0])
+        penalise = self.loss_config.user_l2 > 0 and bool(self.config.user_features)
+        query, items, *norms = self.model(batch.features, b, batch.item.shape[0], penalise)
+        item_prob = batch.item_prob
+        if self.item_frequency is not None:
+            # every rank feeds the global batch's positives, so the estimates stay identical
+            self.item_frequency.update(gather_rows(batch.item[:b]))
+            item_prob = self.item_frequency.probability(batch.item).to(batch.item_prob.dtype)
         loss = retrieval_loss(
-            query, items, batch.item, batch.user, batch.item_prob,
+            query, items, batch.item, batch.user, item_prob,
             cfg=self.loss_config, temperature=self.config.temperature, num_items=self.num_items,
         )  # fmt: skip
+        if norms:
+            loss = loss + self.loss_config.user_l2 * norms[0].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
@@ -380,6 +458,7 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
         ks = tuple(evaluation.pop("ks", DEFAULT_KS))
         popularity = bool(evaluation.pop("popularity_baseline", True))
         eval_history = evaluation.pop("history_length", None)
+        lr_decay_to = float(model.pop("lr_decay_to", 1.0))
         if evaluation:
             raise ConfigError(
                 f"model.eval: unknown key(s) {sorted(evaluation)}; known: ks, popularity_baseline, "
@@ -415,7 +494,9 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
         raise ConfigError(f"data.path: {e}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
-    module = TwoTowerModule(model_cfg, loss, ks, popularity, cfg.optimizer, init_seed=cfg.trainer.seed)
+    module = TwoTowerModule(
+        model_cfg, loss, ks, popularity, cfg.optimizer, init_seed=cfg.trainer.seed, lr_decay_to=lr_decay_to
+    )
     return module, dm
 
 
