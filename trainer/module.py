@@ -39,7 +39,11 @@ class ShardedModule(pl.LightningModule):
         super().__init__()
         self.dense_optimizer = dense_optimizer or DenseOptimizerConfig()
         self.init_seed = init_seed
-        self.model: DistributedModelParallel | None = None
+        # Registered first (empty until configure_model): DistributedModelParallel.state_dict re-prefixes
+        # every key already in the shared destination with its own name, so the state of a child
+        # registered before it would be saved as "model.<child>.*" and not load back.
+        self.register_module("model", None)
+        self.model: DistributedModelParallel | None
         self._pipeline: SparseDistPipeline | None = None
         self.pipelined = False  # whether training runs through SparseDistPipeline (set when sharded)
         self.last_train_batch: Any = None

@@ -282,15 +282,11 @@ class TwoTowerModule(ShardedModule):
         self._accumulators = {"model": TopKAccumulator(names), "pop": TopKAccumulator(names)}
         self._item_table: torch.Tensor | None = None
         self._popularity: torch.Tensor | None = None
-        self.item_frequency: StreamingItemFrequency | None = None  # logq_source=streaming: configure_model
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.loss_config.logq_source == "streaming" and self.item_frequency is None:
-            # Registered after the sharded model on purpose: DistributedModelParallel.state_dict prefixes
-            # every key already in the shared state dict with its own name, so buffers of a module
-            # registered before it would be saved as "model.item_frequency.*" and not load back.
-            self.item_frequency = StreamingItemFrequency(self.num_items + 1, self.num_items)
+        self.item_frequency = (
+            StreamingItemFrequency(self.num_items + 1, self.num_items)
+            if self.loss_config.logq_source == "streaming"
+            else None
+        )
 
     def build_model(self, device: torch.device) -> nn.Module:
         return TwoTower(self.config, device=device)
