@@ -152,23 +152,27 @@ class TwoTower(nn.Module):
         user-feature embeddings (summed over the features): what an embedding regulariser of the
         user-id rows penalises (SimpleX), which the normalised outputs cannot show.
         """
-        pooled = self.sparse_arch(features).to_dict()
-        rows = pooled[self.config.item_feature].shape[0]
-        if self.config.bag_features:
-            keys = features.keys()
-            lengths = features.lengths().view(len(keys), rows)
-            for f in self.config.bag_features:
-                count = lengths[keys.index(f)].clamp(min=1).unsqueeze(1)
-                pooled[f] = pooled[f] / count.to(pooled[f].dtype)
-        user_input = torch.cat([pooled[f][:num_queries] for f in self.config.query_features], 1)
+        # FX-traceable (TorchRec's train pipeline traces it to find the sharded module's input): no
+        # dict of the pooled KeyedTensor, no key lookups on the KJT's key list
+        cfg = self.config
+        pooled = self.sparse_arch(features)
+        bags = set(cfg.bag_features)
+        embedding: dict[str, torch.Tensor] = {}
+        for f in dict.fromkeys([*cfg.query_features, *cfg.candidate_features]):
+            x = pooled[f]
+            if f in bags:
+                x = x / features[f].lengths().clamp(min=1).unsqueeze(1).to(x.dtype)
+            embedding[f] = x
+        rows = embedding[cfg.item_feature].shape[0]
+        user_input = torch.cat([embedding[f][:num_queries] for f in cfg.query_features], 1)
         user = F.normalize(self.user_tower(user_input), dim=-1)
-        item_input = torch.cat([pooled[f][rows - num_items :] for f in self.config.candidate_features], 1)
+        item_input = torch.cat([embedding[f][rows - num_items :] for f in cfg.candidate_features], 1)
         item = F.normalize(self.item_tower(item_input), dim=-1)
         if not with_user_norms:
             return user, item
         norms = user.new_zeros(num_queries)
-        for f in self.config.user_features:
-            norms = norms + pooled[f][:num_queries].pow(2).sum(1)
+        for f in cfg.user_features:
+            norms = norms + embedding[f][:num_queries].pow(2).sum(1)
         return user, item, norms
 
 

@@ -114,3 +114,11 @@ def test_fbgemm_cuda_row_wise_adagrad_applies_weight_decay() -> None:
     from launch.gpu_check import weight_decay_applied
 
     assert weight_decay_applied("cuda")
+
+
+def test_pipeline_on_and_off_survive_yaml_booleans(tmp_path: Path) -> None:
+    assert load_config(None, ["trainer.pipeline=on"]).trainer.pipeline == "on"
+    assert load_config(None, ["trainer.pipeline=off"]).trainer.pipeline == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  pipeline: on\n")
+    assert load_config(path).trainer.pipeline == "on"

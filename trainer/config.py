@@ -58,6 +58,11 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     test_after_fit: bool = True
 
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare on / off as a boolean (`--set trainer.pipeline=on` included)
+        if isinstance(self.pipeline, bool):
+            self.pipeline = "on" if self.pipeline else "off"
+
 
 @dataclass
 class LoggerConfig:

@@ -21,6 +21,7 @@ the plain one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -55,10 +56,18 @@ class PipelineInput(Pipelineable):
     def pin_memory(self) -> PipelineInput:
         return PipelineInput(self.batch.pin_memory(), self.arg_paths)
 
-    def to_proxy_tuple(self, model: torch.nn.Module) -> dict[str, PHWithMeta]:
+    def to_proxy_tuple(self, model: torch.nn.Module) -> dict[str, Any]:
         # placeholders carrying the attribute path: TorchRec turns "batch.sparse_features" into
-        # getattr steps applied to the PipelineInput of each pipelined batch
-        return {param: PHWithMeta(ph_key=f"batch.{path}") for param, path in self.arg_paths.items()}
+        # getattr steps applied to the PipelineInput of each pipelined batch. Other parameters with
+        # a default are traced at it (a flag may steer Python control flow, which FX cannot trace);
+        # the trace only locates the sharded modules' inputs, the model still runs its own forward.
+        args: dict[str, Any] = {
+            name: p.default
+            for name, p in inspect.signature(model.forward).parameters.items()
+            if name not in self.arg_paths and p.default is not inspect.Parameter.empty
+        }
+        args.update({param: PHWithMeta(ph_key=f"batch.{path}") for param, path in self.arg_paths.items()})
+        return args
 
 
 class SparseDistPipeline(TrainPipelineSparseDist[PipelineInput, Any]):

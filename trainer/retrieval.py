@@ -257,6 +257,8 @@ def retrieval_loss(
 
 # -- the LightningModule -------------------------------------------------------------------------
 class TwoTowerModule(ShardedModule):
+    pipeline_inputs = {"features": "features"}
+
     def __init__(
         self,
         config: TwoTowerConfig,
