@@ -305,10 +305,7 @@ class _History:
         seed: int,
         dropout: float = 0.0,
     ) -> None:
-        if mode not in HISTORY_MODES:
-            raise ValueError(f"model.history_mode {mode!r}: choose one of {HISTORY_MODES}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.history_dropout must be in [0, 1), got {dropout}")
+        # mode and dropout arrive checked: RetrievalDataModule, the only caller, validates them
         self.visible = visible
         self.compact = np.asarray(items, dtype=np.int64)[visible]
         self.cum = np.concatenate([[0], np.cumsum(visible, dtype=np.int64)])
