@@ -45,8 +45,9 @@ from data.splits import (
 )
 from data.tabular import RawTables, to_numpy
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+# the hash is part of the artifact format a server decodes, so the format module owns it
+from serving.features import stable_hash
+
 CTR_SPLITS = ("random", "temporal")
 
 
@@ -94,24 +95,6 @@ class IdMap:
             return np.zeros(len(values), dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.raw, values), len(self.raw) - 1)
         return np.where(self.raw[pos] == values, pos + 1, 0).astype(np.int64)
-
-
-def stable_hash(values: np.ndarray) -> np.ndarray:
-    """A process-independent uint64 hash: integers hash to themselves (as TorchRec's Criteo
-    preprocessing does), strings to 64-bit FNV-1a over their Unicode code points."""
-    values = np.asarray(values)
-    if values.dtype.kind in "iu":
-        return values.astype(np.uint64)
-    text = values.astype(str)
-    width = text.dtype.itemsize // 4
-    h = np.full(len(text), _FNV_OFFSET, dtype=np.uint64)
-    if width == 0 or len(text) == 0:
-        return h
-    points = text.view(np.uint32).reshape(len(text), width).astype(np.uint64)
-    for j in range(width):
-        c = points[:, j]
-        h = np.where(c != 0, (h ^ c) * _FNV_PRIME, h)  # NUL = numpy's padding, not a character
-    return h
 
 
 def hash_index(values: np.ndarray, buckets: int) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 The rules come from the artifact (``feature_spec.json`` and its ``idmaps/``): an id-mapped field's
 index is its position in the id map plus one (0 = unknown, also the padding value); a hashed field's
-index is ``1 + stable_hash(raw) % buckets``, with the same 64-bit FNV-1a over Unicode code points
-that ``data.prepare.stable_hash`` uses (integers hash to themselves). The hash is re-implemented
-here because serving must not import ``data/``; a test holds the two to the same outputs.
+index is ``1 + stable_hash(raw) % buckets``: 64-bit FNV-1a over Unicode code points, integers
+hashing to themselves. This is the one implementation: training's ``data.prepare`` hashes with it
+(training may import the artifact format; serving never imports ``data/``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 def stable_hash(values: np.ndarray) -> np.ndarray:
-    """A process-independent uint64 hash: integers hash to themselves, strings to FNV-1a 64."""
+    """A process-independent uint64 hash: integers hash to themselves (as TorchRec's Criteo
+    preprocessing does), strings to 64-bit FNV-1a over their Unicode code points."""
     values = np.asarray(values)
     if values.dtype.kind in "iu":
         return values.astype(np.uint64)
@@ -36,7 +37,7 @@ def stable_hash(values: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(width):
             c = points[:, j]
-            h = np.where(c != 0, (h ^ c) * _FNV_PRIME, h)
+            h = np.where(c != 0, (h ^ c) * _FNV_PRIME, h)  # NUL = numpy's padding, not a character
     return h
 
 
