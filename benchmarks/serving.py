@@ -82,8 +82,12 @@ def _run(cmd: list[str]) -> None:
         )
 
 
-def build_bundle(work: Path) -> tuple[Path, dict[str, Any]]:
-    """World -> DeepFM + two-tower (2 ranks) -> artifacts -> bundle; each step skipped when done."""
+def build_bundle(work: Path, index: list[str]) -> tuple[Path, dict[str, Any]]:
+    """World -> DeepFM + two-tower (2 ranks) -> artifacts -> bundle; each step skipped when done.
+
+    ``index``: the `funnel export retrieval` index arguments (e.g. ``--index ivf_flat --nprobe 32``);
+    each choice gets its own retrieval artifact and bundle next to the shared models.
+    """
     import yaml
 
     work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +137,9 @@ def build_bundle(work: Path) -> tuple[Path, dict[str, Any]]:
                 str(work / "ranking"),
             ]
         )
-    if not (work / "two_tower_index" / "manifest.json").is_file():
+    suffix = "-".join(a.lstrip("-") for a in index)
+    retrieval = work / f"two_tower_index-{suffix}"
+    if not (retrieval / "manifest.json").is_file():
         _run(
             [
                 *funnel,
@@ -143,10 +149,11 @@ def build_bundle(work: Path) -> tuple[Path, dict[str, Any]]:
                 "--config",
                 str(work / "two_tower.yaml"),
                 "--out",
-                str(work / "two_tower_index"),
+                str(retrieval),
+                *index,
             ]
         )
-    bundle = work / "bundle"
+    bundle = work / f"bundle-{suffix}"
     if not (bundle / "manifest.json").is_file():
         _run(
             [
@@ -155,7 +162,7 @@ def build_bundle(work: Path) -> tuple[Path, dict[str, Any]]:
                 "--ranking",
                 str(work / "ranking"),
                 "--retrieval",
-                f"two_tower={work / 'two_tower_index'}",
+                f"two_tower={retrieval}",
                 "--dataset",
                 str(world),
                 "--out",
@@ -168,6 +175,9 @@ def build_bundle(work: Path) -> tuple[Path, dict[str, Any]]:
         "users": manifest["extra"]["users"],
         "build": timings,
         "ranking_test_auc": manifest["metrics"]["ranking"]["deepfm"].get("test", {}).get("auc"),
+        "retrieval_index": json.loads((retrieval / "meta.json").read_text())["index"],
+        # the export's own measurement: ANN recall against exact search over the same embeddings
+        "retrieval_ann": json.loads((retrieval / "manifest.json").read_text())["metrics"]["ann"],
     }
     return bundle, info
 
@@ -395,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO,
         help="checkout whose `funnel serve` runs (default this one; e.g. a `git archive` of an older commit)",
     )
+    p.add_argument(
+        "--retrieval-index",
+        default="--index ivf_flat --nprobe 32",
+        help="`funnel export retrieval` index arguments of the bundle's two-tower index "
+        "(default IVF-Flat, 32 of 256 lists: recall@100 ~0.97 at a quarter of exact search's CPU)",
+    )
     p.add_argument("--label", default="", help="name of this run in the results file")
     p.add_argument("--append", action="store_true", help="add this run to the results file's runs")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -406,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         loadgen(args)
         return 0
 
-    bundle, info = build_bundle(args.work_dir)
+    bundle, info = build_bundle(args.work_dir, args.retrieval_index.split())
     bodies_path = args.work_dir / "bodies.jsonl"
     bodies_path.write_text("\n".join(_bodies(bundle)))
     port = _free_port()
