@@ -44,6 +44,18 @@ def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is privat
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies get 413")
     p.add_argument("--max-candidates", type=int, default=300, help="candidates ranked per request")
     p.add_argument("--per-source", type=int, default=150, help="candidates taken from each ANN source")
+    p.add_argument(
+        "--http",
+        default="auto",
+        choices=("auto", "httptools", "h11"),
+        help="uvicorn's HTTP parser (default auto: httptools when installed, the serving extra installs it)",
+    )
+    p.add_argument(
+        "--loop",
+        default="auto",
+        choices=("auto", "uvloop", "asyncio"),
+        help="event loop (default auto: uvloop when installed, the serving extra installs it)",
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=serve)
 
@@ -95,5 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=False,
+        http=args.http,
+        loop=args.loop,
     )
     return 0
