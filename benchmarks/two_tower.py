@@ -23,7 +23,8 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   out to ignore it, so that run differed by noise only; such configs are now refused).
   Round 2 (issue #4; val = this split, test run once per candidate on 2 ranks): in-batch negatives
   only (no uniform ones) 0.2413 at epoch 6, adopted; cosine decay of all learning rates
-  (`model.lr_decay_to: 0`) over 6 epochs 0.2409, over 8 epochs 0.2426 at epoch 6 / 0.2415 at 8;
+  (`lr_schedule: {decay: cosine, decay_to: 0}`) over 6 epochs 0.2409, over 8 epochs 0.2426 at
+  epoch 6 / 0.2415 at 8;
   with it logQ weight 1.5: 0.2418 (test 0.2628 / NDCG@20 0.2504), 1.8: 0.2285 at epoch 3
   (stopped); then a user-id table next to the history bag (the linear projection learns SimpleX's
   gamma blend) with an L2 penalty on its rows (`model.loss.user_l2`, SimpleX's embedding
@@ -94,7 +95,7 @@ ABLATION = {
     "no logQ": (2, ["model.loss.logq_correction=false"]),
     "with 1,024 mixed negatives": (2, ["model.loss.num_negatives=1024"]),
     "no cross-rank negatives": (2, ["model.loss.cross_rank_negatives=false"]),
-    "constant learning rates": (2, ["model.lr_decay_to=1.0"]),
+    "constant learning rates": (2, ["lr_schedule.decay=constant"]),
     "full (1 rank)": (1, []),
 }
 

@@ -122,3 +122,24 @@ def test_pipeline_on_and_off_survive_yaml_booleans(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("trainer:\n  pipeline: on\n")
     assert load_config(path).trainer.pipeline == "on"
+
+
+def test_lr_schedule_is_checked_and_names_the_field() -> None:
+    from trainer.config import LrScheduleConfig
+    from trainer.retrieval import build_two_tower
+
+    assert load_config(None).lr_schedule == LrScheduleConfig(decay="constant", decay_to=0.0)
+    cfg = load_config(None, ["lr_schedule.decay=cosine", "lr_schedule.decay_to=1"]).lr_schedule
+    assert cfg == LrScheduleConfig(decay="cosine", decay_to=1.0) and isinstance(cfg.decay_to, float)
+    with pytest.raises(ConfigError, match=r"lr_schedule.decay 'linear': choose constant or cosine"):
+        load_config(None, ["lr_schedule.decay=linear"])
+    for bad in ("1.5", "-0.1", "half", "true", "null"):
+        with pytest.raises(ConfigError, match=r"lr_schedule.decay_to must be a number in \[0, 1\]"):
+            load_config(None, ["lr_schedule.decay=cosine", f"lr_schedule.decay_to={bad}"])
+    with pytest.raises(ConfigError, match=r"lr_schedule: unknown key\(s\) \['warmup_steps'\]"):
+        load_config(None, ["lr_schedule.warmup_steps=10"])  # the warmup stays optimizer.warmup_steps
+    # the two-tower's own decay moved to the engine: the old key says where
+    old = load_config(None, ["model_name=two_tower", "model.lr_decay_to=0.0"])
+    moved = r"model.lr_decay_to .*lr_schedule: \{decay: cosine, decay_to: 0.0\} at the top level"
+    with pytest.raises(ConfigError, match=moved):
+        build_two_tower(old)

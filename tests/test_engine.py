@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,17 @@ def test_two_rank_run_shards_both_ways_and_learns(two_rank_run: Path, world: Pat
 
 
 def reference_training(
-    dataset: Path, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
+    dataset: Path,
+    steps: int,
+    sparse_lr: float,
+    dense_lr: float,
+    init_dir: Path,
+    lr_factors: Callable[[int], tuple[float, float]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Plain single-process training: unsharded EmbeddingBagCollection, torch SGD + Adam."""
+    """Plain single-process training: unsharded EmbeddingBagCollection, torch SGD + Adam.
+
+    ``lr_factors(step)``: the (sparse, dense) factors of the learning rates at that step.
+    """
     torch.manual_seed(123)
     model = model_for(dataset)
     save_unsharded(model, init_dir)
@@ -161,7 +170,11 @@ def reference_training(
     sgd = torch.optim.SGD(sparse, lr=sparse_lr)
     adam = torch.optim.Adam(dense, lr=dense_lr)
     loader = CTRDataModule(dataset, batch_size=256, seed=0).loader("train")
-    for _, batch in zip(range(steps), loader, strict=False):
+    for step, batch in zip(range(steps), loader, strict=False):
+        if lr_factors is not None:
+            sparse_factor, dense_factor = lr_factors(step)
+            sgd.param_groups[0]["lr"] = sparse_lr * sparse_factor
+            adam.param_groups[0]["lr"] = dense_lr * dense_factor
         loss = F.binary_cross_entropy_with_logits(
             model(batch.dense_features, batch.sparse_features), batch.labels
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,37 @@ class DenseOptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     warmup_steps: int = 0
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+@dataclass
+class LrScheduleConfig:
+    """Decay of every learning rate, the dense optimizer's and the embedding tables' fused ones.
+
+    ``cosine`` multiplies each configured rate by a factor falling from 1 at the first optimizer step
+    to ``decay_to`` at the run's last (``constant`` ignores ``decay_to``). The dense optimizer's
+    ``optimizer.warmup_steps`` ramp multiplies on top of it.
+    """
+
+    decay: str = "constant"  # constant | cosine
+    decay_to: float = 0.0  # the final factor of the decay, in [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.decay not in LR_DECAYS:
+            raise ConfigError(f"lr_schedule.decay {self.decay!r}: choose {' or '.join(LR_DECAYS)}")
+        value = self.decay_to
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"lr_schedule.decay_to must be a number in [0, 1], got {value!r}")
+        self.decay_to = float(value)
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """The factor at optimizer step ``step`` (0-based) of a run of ``total_steps`` steps."""
+        if self.decay == "constant":
+            return 1.0
+        progress = min(max(step, 0) / max(total_steps, 1), 1.0)
+        return self.decay_to + (1 - self.decay_to) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -78,6 +110,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)  # model-specific, see each model's config
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -12,7 +13,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from trainer.config import DenseOptimizerConfig
+from trainer.config import DenseOptimizerConfig, LrScheduleConfig
 from trainer.pipeline import SparseDistPipeline
 from trainer.sharding import ConfigError
 from trainer.strategy import TorchRecStrategy
@@ -23,6 +24,10 @@ class ShardedModule(pl.LightningModule):
 
     Subclasses implement :meth:`build_model` and the ``*_step`` methods; the dense optimizer comes
     from ``dense_optimizer`` and covers every parameter that has no fused optimizer.
+
+    ``lr_schedule`` decays every learning rate by :meth:`lr_factor`: the dense optimizer's through
+    its LambdaLR (times the warmup ramp), the tables' fused optimizers, which step inside backward
+    where no Lightning scheduler reaches, by setting their rate before each training batch.
 
     When the strategy pipelines (``trainer.pipeline``), ``training_step`` is replaced by one that
     takes Lightning's ``dataloader_iter`` and runs the subclass's ``training_step`` inside
@@ -35,9 +40,15 @@ class ShardedModule(pl.LightningModule):
     #: start a batch's input distribution one step early. ``None``: never pipelined.
     pipeline_inputs: ClassVar[dict[str, str] | None] = None
 
-    def __init__(self, dense_optimizer: DenseOptimizerConfig | None = None, init_seed: int = 0) -> None:
+    def __init__(
+        self,
+        dense_optimizer: DenseOptimizerConfig | None = None,
+        init_seed: int = 0,
+        lr_schedule: LrScheduleConfig | None = None,
+    ) -> None:
         super().__init__()
         self.dense_optimizer = dense_optimizer or DenseOptimizerConfig()
+        self.lr_schedule = lr_schedule or LrScheduleConfig()
         self.init_seed = init_seed
         # Registered first (empty until configure_model): DistributedModelParallel.state_dict re-prefixes
         # every key already in the shared destination with its own name, so the state of a child
@@ -92,11 +103,44 @@ class ShardedModule(pl.LightningModule):
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             raise ConfigError(f"optimizer.name {cfg.name!r}: choose adam, adamw, adagrad or sgd")
-        if not cfg.warmup_steps:
-            return opt
         warmup = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        if not warmup and self.lr_schedule.decay == "constant":
+            return opt
+
+        def factor(step: int) -> float:
+            return (min(1.0, (step + 1) / warmup) if warmup else 1.0) * self.lr_factor(step)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- the learning-rate schedule ---------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """``lr_schedule``'s factor at optimizer step ``step`` of this run (warmup not included)."""
+        if self.lr_schedule.decay == "constant":
+            return 1.0
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            # Lightning's estimate is inf (max_epochs -1) or max_steps (-1 when unset) for a loader
+            # of unknown length: the curve would have no end to decay towards
+            raise ConfigError(
+                f"lr_schedule.decay {self.lr_schedule.decay}: the run's number of optimizer steps is "
+                f"unknown (Lightning estimates {total}); set trainer.max_steps or trainer.max_epochs"
+            )
+        return self.lr_schedule.factor(step, int(total))
+
+    def _apply_lr_schedule(self) -> None:
+        if self.lr_schedule.decay == "constant":
+            return
+        # From the optimizer step, not a counter of our own, so a resumed run continues the curve.
+        factor = self.lr_factor(self.global_step)
+        self.log("train/lr_factor", factor, batch_size=1)
+        for _, dmp in self.trainer.strategy.sharded_modules():  # type: ignore[attr-defined]
+            for group in dmp.fused_optimizer.param_groups:
+                # the configured rate: the fused optimizers' param_groups are not checkpointed, so
+                # after a resume they hold it again
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+            dmp.fused_optimizer.zero_grad()  # what pushes param_groups' lr into the FBGEMM kernels
 
     # -- the pipelined training step --------------------------------------------------------------
     def _epoch_batches_started(self) -> int:
@@ -160,3 +204,6 @@ class ShardedModule(pl.LightningModule):
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):
             loader.mark_consumed(self._epoch_batches_started())
+        # Lightning calls this hook before the pipelined step too, and the pipeline only forwards:
+        # the fused update of this batch runs in Lightning's backward, after the rate is set here.
+        self._apply_lr_schedule()

@@ -10,7 +10,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 
 from models.deepfm import DeepFM, DeepFMConfig
-from trainer.config import DenseOptimizerConfig
+from trainer.config import DenseOptimizerConfig, LrScheduleConfig
 from trainer.metrics import BinaryCTRMetrics
 from trainer.module import ShardedModule
 
@@ -19,9 +19,13 @@ class DeepFMModule(ShardedModule):
     pipeline_inputs = {"dense": "dense_features", "sparse": "sparse_features"}
 
     def __init__(
-        self, config: DeepFMConfig, dense_optimizer: DenseOptimizerConfig | None = None, init_seed: int = 0
+        self,
+        config: DeepFMConfig,
+        dense_optimizer: DenseOptimizerConfig | None = None,
+        init_seed: int = 0,
+        lr_schedule: LrScheduleConfig | None = None,
     ) -> None:
-        super().__init__(dense_optimizer, init_seed)
+        super().__init__(dense_optimizer, init_seed, lr_schedule)
         self.config = config
         self.metrics = nn.ModuleDict({"val": BinaryCTRMetrics(), "test": BinaryCTRMetrics()})
 

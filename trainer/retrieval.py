@@ -26,9 +26,6 @@ and every rank's item tower learns from every rank's queries).
   of the softmax; ``in_batch_negatives: false`` keeps only the uniform samples as negatives (the
   pool SimpleX draws). ``user_l2`` penalises the squared norms of the batch's user-feature rows.
 
-Training may decay every learning rate (dense and the tables' fused optimizers) along a cosine to
-``model.lr_decay_to`` times its configured value.
-
 Evaluation: every rank computes the embeddings of a slice of the catalog through the sharded
 item tower (all ranks together, since the tables are sharded), the slices are all-gathered, and
 each rank ranks all items for its own users; :class:`trainer.topk_metrics.TopKAccumulator`
@@ -42,7 +39,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,7 +54,7 @@ from data.retrieval import HISTORY, RetrievalBatch, RetrievalDataModule, UserBat
 from models.two_tower import QueryEncoder, TwoTower, TwoTowerConfig
 from trainer.checkpoint import load_unsharded
 from trainer.collectives import AllGatherRows, gather_rows, rank_and_world
-from trainer.config import DenseOptimizerConfig, RunConfig, load_config
+from trainer.config import DenseOptimizerConfig, LrScheduleConfig, RunConfig, load_config
 from trainer.logq import StreamingItemFrequency
 from trainer.module import ShardedModule
 from trainer.sharding import ConfigError
@@ -267,14 +263,11 @@ class TwoTowerModule(ShardedModule):
         popularity_baseline: bool = True,
         dense_optimizer: DenseOptimizerConfig | None = None,
         init_seed: int = 0,
-        lr_decay_to: float = 1.0,
+        lr_schedule: LrScheduleConfig | None = None,
     ) -> None:
-        super().__init__(dense_optimizer, init_seed)
+        super().__init__(dense_optimizer, init_seed, lr_schedule)
         if not ks or min(ks) <= 0:
             raise ConfigError(f"model.eval.ks must be positive cut-offs, got {list(ks)}")
-        if not 0.0 <= lr_decay_to <= 1.0:
-            raise ConfigError(f"model.lr_decay_to must be in [0, 1], got {lr_decay_to}")
-        self.lr_decay_to = lr_decay_to
         self.config = config
         self.loss_config = loss or RetrievalLossConfig()
         self.ks = tuple(sorted(set(int(k) for k in ks)))
@@ -300,43 +293,6 @@ class TwoTowerModule(ShardedModule):
         return dm
 
     # -- training ---------------------------------------------------------------------------------
-    def lr_factor(self, step: int) -> float:
-        """Cosine decay from 1 to ``lr_decay_to`` over the run's optimizer steps (1 without decay)."""
-        if self.lr_decay_to == 1.0:
-            return 1.0
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        progress = min(step / total, 1.0)
-        return self.lr_decay_to + (1 - self.lr_decay_to) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def configure_optimizers(self) -> Any:
-        configured = super().configure_optimizers()
-        if self.lr_decay_to == 1.0:
-            return configured
-        if isinstance(configured, dict):
-            opt, warmup = configured["optimizer"], self.dense_optimizer.warmup_steps
-        else:
-            opt, warmup = configured, 0
-
-        def factor(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) * self.lr_factor(step) if warmup else self.lr_factor(step)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        if self.lr_decay_to == 1.0:
-            return
-        # The embedding tables' optimizers are fused into the backward, outside Lightning's
-        # schedulers: their rate is set here, from the step, so a resumed run continues the curve.
-        factor = self.lr_factor(self.global_step)
-        self.log("train/lr_factor", factor, batch_size=1)
-        for _, dmp in self.trainer.strategy.sharded_modules():  # type: ignore[attr-defined]
-            for group in dmp.fused_optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-                group["lr"] = group["initial_lr"] * factor
-            dmp.fused_optimizer.zero_grad()  # what pushes param_groups' lr into the FBGEMM kernels
-
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         assert self.model is not None
         b = batch.num_queries
@@ -456,7 +412,11 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
         ks = tuple(evaluation.pop("ks", DEFAULT_KS))
         popularity = bool(evaluation.pop("popularity_baseline", True))
         eval_history = evaluation.pop("history_length", None)
-        lr_decay_to = float(model.pop("lr_decay_to", 1.0))
+        if "lr_decay_to" in model:
+            raise ConfigError(
+                "model.lr_decay_to is now the engine's lr_schedule: write lr_schedule: "
+                f"{{decay: cosine, decay_to: {model['lr_decay_to']}}} at the top level of the config"
+            )
         if evaluation:
             raise ConfigError(
                 f"model.eval: unknown key(s) {sorted(evaluation)}; known: ks, popularity_baseline, "
@@ -493,7 +453,7 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
     module = TwoTowerModule(
-        model_cfg, loss, ks, popularity, cfg.optimizer, init_seed=cfg.trainer.seed, lr_decay_to=lr_decay_to
+        model_cfg, loss, ks, popularity, cfg.optimizer, cfg.trainer.seed, lr_schedule=cfg.lr_schedule
     )
     return module, dm
 

@@ -67,7 +67,8 @@ def _deepfm(cfg: RunConfig) -> tuple[pl.LightningModule, pl.LightningDataModule 
         )
     except TypeError as e:
         raise ConfigError(f"model: {e}") from e
-    return DeepFMModule(model_cfg, cfg.optimizer, init_seed=cfg.trainer.seed), dm
+    module = DeepFMModule(model_cfg, cfg.optimizer, init_seed=cfg.trainer.seed, lr_schedule=cfg.lr_schedule)
+    return module, dm
 
 
 def _declared_shapes(declared: Any, num_dense: Any, data_path: str) -> tuple[dict[str, int], int]:

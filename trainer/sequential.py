@@ -66,7 +66,7 @@ from data.sequential import NegativeSampling, SequenceBatch, SequentialDataModul
 from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.sasrec import ITEM_TABLE, PAD, QueryEncoder, SASRec, SASRecConfig, SequentialRecommender
 from trainer.collectives import AllReduceSum, gather_padded, rank_and_world
-from trainer.config import DenseOptimizerConfig, RunConfig, load_config
+from trainer.config import DenseOptimizerConfig, LrScheduleConfig, RunConfig, load_config
 from trainer.module import ShardedModule
 from trainer.sharding import ConfigError, describe_plan
 from trainer.topk_metrics import (
@@ -299,8 +299,9 @@ class SequentialModule(ShardedModule):
         proposal: np.ndarray | None = None,
         dense_optimizer: DenseOptimizerConfig | None = None,
         init_seed: int = 0,
+        lr_schedule: LrScheduleConfig | None = None,
     ) -> None:
-        super().__init__(dense_optimizer, init_seed)
+        super().__init__(dense_optimizer, init_seed, lr_schedule)
         self.config = config
         self.task = task or SequentialTaskConfig()
         self.num_items = config.num_items
@@ -461,7 +462,9 @@ def build_sequential(cfg: RunConfig, kind: str) -> tuple[SequentialModule, Seque
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
     proposal = dm.splits.proposal if task.loss == "sampled_softmax" else None
-    module = SequentialModule(model_config, task, proposal, cfg.optimizer, init_seed=cfg.trainer.seed)
+    module = SequentialModule(
+        model_config, task, proposal, cfg.optimizer, init_seed=cfg.trainer.seed, lr_schedule=cfg.lr_schedule
+    )
     return module, dm
 
 
