@@ -19,10 +19,12 @@ and the reason; a reload while another is in progress gets 409.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -227,6 +229,36 @@ class RequestMetrics:
             self.metrics.request(endpoint, scope.get("method", ""), status, time.perf_counter() - started)
 
 
+def freeze_heap() -> None:
+    """Exempt every object alive now from the cyclic garbage collector's scans (``gc.freeze``).
+
+    Why: a loaded server holds ~400,000 GC-tracked objects (torch, FastAPI, pydantic, the bundle's
+    programs); every full collection walked them all with the GIL held, 230-300 ms on this machine,
+    triggered every few seconds by request garbage: the stalls behind the 64-client p99. Frozen, a
+    full collection takes ~0.01 ms.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def release_and_freeze(retired: weakref.ref[Any], attempts: int = 10, pause_s: float = 0.2) -> bool:
+    """After a reload: collect the retired bundle, then freeze the heap again.
+
+    Frozen objects are never collected, and a bundle's programs hold reference cycles, so the old
+    bundle must be gone before the next freeze; requests still running on it keep it alive for up to
+    a batch, hence the pauses. Each attempt is one full collection (~0.3 s with the GIL held). False:
+    still alive after every attempt; the heap stays unfrozen (slower collections, nothing leaked).
+    """
+    gc.unfreeze()
+    for _ in range(attempts):
+        time.sleep(pause_s)
+        gc.collect()
+        if retired() is None:
+            gc.freeze()
+            return True
+    return False
+
+
 class ServerState:
     """The bundle being served (swapped whole on reload) and what the endpoints share."""
 
@@ -254,6 +286,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.batcher.start()
+        freeze_heap()
         try:
             yield
         finally:
@@ -359,8 +392,13 @@ def create_app(
             state.funnel = new
             state.metrics.set_bundle(new.version, str(new.root))
             state.metrics.reload("ok")
-            log.info("reloaded bundle %s -> %s (%s)", old.version, new.version, new.root)
-            return {"status": "reloaded", "bundle": new.info, "previous": old.version}
+            previous = old.version
+            log.info("reloaded bundle %s -> %s (%s)", previous, new.version, new.root)
+            retired = weakref.ref(old)
+            del old
+            if not release_and_freeze(retired):
+                log.warning("bundle %s still in use after the reload: heap left unfrozen", previous)
+            return {"status": "reloaded", "bundle": new.info, "previous": previous}
         finally:
             state.reload_lock.release()
 

@@ -128,27 +128,34 @@ class Batcher:
         last_batch = 1
         while True:
             item = held if held is not None else self._queue.get()
-            held = None
             if item is _STOP:
                 return
-            if isinstance(item, _Call):
-                _run(item.future, item.fn)
-                continue
-            batch: list[_Job] = [item]
-            deadline = item.arrived + (wait if last_batch > 1 else 0.0)
-            while len(batch) < self.config.max_batch:
-                remaining = deadline - time.perf_counter()
-                try:
-                    nxt = self._queue.get(block=remaining > 0, timeout=remaining if remaining > 0 else None)
-                except queue.Empty:
-                    break
-                if isinstance(nxt, _Job):
-                    batch.append(nxt)
-                else:
-                    held = nxt
-                    break
-            last_batch = len(batch)
-            self._run_batch(batch)
+            held, last_batch = self._handle(item, last_batch, wait)
+            # kept, the last request would hold its bundle alive while the queue is empty, and a
+            # bundle retired by a reload must be collectable at once (serving.app.release_and_freeze)
+            item = None
+
+    def _handle(self, item: Any, last_batch: int, wait: float) -> tuple[Any, int]:
+        """Run a call, or a batch starting with the job ``item``: (what to handle next, batch size)."""
+        if isinstance(item, _Call):
+            _run(item.future, item.fn)
+            return None, last_batch
+        batch: list[_Job] = [item]
+        held: Any = None
+        deadline = item.arrived + (wait if last_batch > 1 else 0.0)
+        while len(batch) < self.config.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                nxt = self._queue.get(block=remaining > 0, timeout=remaining if remaining > 0 else None)
+            except queue.Empty:
+                break
+            if isinstance(nxt, _Job):
+                batch.append(nxt)
+            else:
+                held = nxt
+                break
+        self._run_batch(batch)
+        return held, len(batch)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         # a request whose client went away (its future cancelled) is not computed

@@ -11,6 +11,7 @@ a batch never mixes bundles, and the compute thread runs on the configured threa
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +37,7 @@ from test_engine import torchrun, write_config
 
 from data.ctr import CTRBatchBuilder
 from data.shards import PreparedDataset
+from serving.app import create_app
 from serving.batching import FAISS_BLAS_THRESHOLD, BatchConfig, Batcher
 from serving.funnel import Funnel, RecommendRequest, RequestError
 from trainer.config import load_config
@@ -595,3 +598,28 @@ def test_reload_under_traffic_loses_no_request(stack: Any) -> None:
     seen = [bundle for _, bundle in results]
     assert before in seen and after in seen, "traffic did not span both bundles"
     assert client.get("/readyz").json()["bundle"]["version"] == before
+
+
+@pytest.mark.slow
+def test_the_heap_is_frozen_and_a_reload_frees_the_old_bundle(stack: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    funnel = Funnel.load(stack["root"] / "bundle-a")
+    # the exported programs sit in reference cycles (fx graphs): only the cyclic collector frees them
+    retired = weakref.ref(funnel.ranking.module)
+    app = create_app(funnel)
+    del funnel
+    try:
+        with TestClient(app) as client:
+            assert gc.get_freeze_count() > 0  # frozen once the app started
+            assert client.post("/recommend", json={"k": 3}).status_code == 200
+            reloaded = client.post("/admin/reload", json={"path": str(stack["root"] / "bundle-b")})
+            assert reloaded.status_code == 200, reloaded.text
+            assert retired() is None  # collected before the heap was frozen again, not frozen forever
+            assert gc.get_freeze_count() > 0
+            assert (
+                client.post("/recommend", json={"k": 3}).json()["bundle"]
+                == reloaded.json()["bundle"]["version"]
+            )
+    finally:
+        gc.unfreeze()
