@@ -67,7 +67,12 @@ class IdLookup:
         return self.raw.dtype.kind in "iu"
 
     def coerce(self, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(values in the id map's dtype, mask of values that can be ids at all)."""
+        """(values in the id map's own dtype, mask of values that can be ids of the map at all).
+
+        In the map's dtype because ``np.searchsorted`` would otherwise convert the whole map to the
+        values' wider dtype on every lookup (~0.1 ms per call for 20,000 ids: an unknown user's id
+        longer than every known one cost that on each request).
+        """
         if self.is_int:
             out = np.zeros(len(values), dtype=np.int64)
             ok = np.zeros(len(values), dtype=bool)
@@ -81,13 +86,22 @@ class IdLookup:
                         continue
                 if isinstance(v, int) and -_INT64_MAX <= v <= _INT64_MAX:
                     out[i], ok[i] = v, True
+            if out.dtype != self._sorted.dtype:
+                info = np.iinfo(self._sorted.dtype)
+                ok &= (out >= info.min) & (out <= info.max)
+                out = np.where(ok, out, 0).astype(self._sorted.dtype)
             return out, ok
         text = (
             np.array(["" if v is None else str(v) for v in values], dtype=str)
             if len(values)
             else (np.zeros(0, dtype=str))
         )
-        return text, np.ones(len(values), dtype=bool)
+        ok = np.ones(len(values), dtype=bool)
+        if text.dtype.itemsize > self._sorted.dtype.itemsize:
+            # longer than every id of the map: not one of them (truncated by the cast, but masked)
+            ok = np.char.str_len(text) <= self._sorted.dtype.itemsize // 4
+            text = text.astype(self._sorted.dtype)
+        return text, ok
 
     def lookup(self, values: Sequence[Any]) -> np.ndarray:
         """Indices (int64) of raw ``values``; 0 for ids not in the map."""

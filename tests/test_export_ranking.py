@@ -67,6 +67,10 @@ def test_id_lookup_maps_raw_ids_and_unknowns_to_zero() -> None:
     ints = IdLookup(np.array([30, 10, 20], dtype=np.int64))
     assert ints.lookup([10, "20", True, 2**80, "x", 30]).tolist() == [2, 3, 0, 0, 0, 1]
     assert strings.raw_ids(np.array([2, 3])) == ["u1", "u2"]
+    # searched in the map's own dtype: a longer string or a wider integer must not match once cast
+    assert strings.lookup(["u1x", "u2", "u3" + "\u00e9" * 9]).tolist() == [0, 3, 0]
+    narrow = IdLookup(np.array([30, 10, 20], dtype=np.int32))
+    assert narrow.lookup([10, 2**32 + 10, -(2**40), 20]).tolist() == [2, 0, 0, 3]
 
 
 class _Tiny(torch.nn.Module):
