@@ -132,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
 def build_meta_model(cfg: RunConfig) -> nn.Module:
     """The config's model on ``meta``, its tables carrying the fused optimizer as in training."""
     import torch
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from trainer.run import RECIPES
     from trainer.sharding import ConfigError
@@ -154,17 +152,7 @@ def build_meta_model(cfg: RunConfig) -> nn.Module:
         model = build(torch.device("meta"))
     except ValueError as e:  # the model config's own checks (e.g. embedding_dim)
         raise ConfigError(f"model: {e}") from e
-    params = [
-        p
-        for m in model.modules()
-        if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
-        for p in m.parameters()
-    ]
-    if not params:
-        raise ConfigError(f"{type(model).__name__} has no TorchRec embedding tables to plan")
-    # The same fused optimizer TorchRecStrategy.shard applies: its state is part of the storage.
-    optimizer_class, optimizer_kwargs = cfg.sparse_optimizer.optimizer()
-    apply_optimizer_in_backward(optimizer_class, params, optimizer_kwargs)
+    cfg.sparse_optimizer.attach(model, purpose="plan")  # as TorchRecStrategy.shard does
     return model
 
 

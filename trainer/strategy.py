@@ -101,6 +101,22 @@ class SparseOptimizerConfig:
                 "it applies with sparse_optimizer.name rowwise_adagrad on CUDA"
             )
 
+    def attach(self, module: nn.Module, purpose: str = "shard") -> None:
+        """Give every TorchRec table of ``module`` this fused in-backward optimizer.
+
+        Before planning: the optimizer's state is part of the storage the planner places.
+        """
+        params = [
+            p
+            for m in module.modules()
+            if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
+            for p in m.parameters()
+        ]
+        if not params:
+            raise ConfigError(f"{type(module).__name__} has no TorchRec embedding tables to {purpose}")
+        optimizer_class, optimizer_kwargs = self.optimizer()
+        apply_optimizer_in_backward(optimizer_class, params, optimizer_kwargs)
+
     def fused_params(self) -> dict[str, Any]:
         """FBGEMM kernel settings the optimizer kwargs cannot carry (given to the sharders)."""
         if not self.weight_decay:
@@ -224,16 +240,7 @@ class TorchRecStrategy(ParallelStrategy):
 
         All ranks must call this together (the planner agrees on one plan collectively).
         """
-        embedding_params = [
-            p
-            for m in module.modules()
-            if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
-            for p in m.parameters()
-        ]
-        if not embedding_params:
-            raise ConfigError(f"{type(module).__name__} has no TorchRec embedding tables to shard")
-        optimizer_class, optimizer_kwargs = self.sparse_optimizer.optimizer()
-        apply_optimizer_in_backward(optimizer_class, embedding_params, optimizer_kwargs)
+        self.sparse_optimizer.attach(module)
         pg = dist.group.WORLD
         assert pg is not None, "process group not initialised: call setup_environment() first"
         plan = plan_sharding(
