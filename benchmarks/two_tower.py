@@ -45,6 +45,19 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   with ~1,000 negatives per positive and 20+ epochs with lr reduction. logQ frequencies estimated
   online (`model.loss.logq_source: streaming`, trainer.logq) instead of counted: 0.2416 vs 0.2409
   (6-epoch decay, weight 1.3, no user id).
+  Round 3: UltraGCN's item-item constraint (its L_I term) as a training regulariser, the model a
+  plain two-tower at serving time. Each item's top-K neighbours by UltraGCN's
+  w_ij = G_ij / (g_i - G_ii) * sqrt(g_i / g_j) (G = A^T A of the carved training split only); per
+  positive (u, i), lambda * sum_j w_ij * -log(e^{s_uj} / (e^{s_uj} + sum of u's pool negatives)),
+  the neighbours embedded by the item tower in the same step (s_uj logQ-corrected like the pool).
+  On ML-1M sum_j w_ij is ~0.014 per positive and the neighbours are popular (mean popularity
+  rank in the top 10% vs 22% for the positives; 47% are already training positives of the user).
+  Reference this round (the final config, re-run): 0.2368 / 0.2391 / 0.2414 at epochs 3 / 4 / 5,
+  0.2436 at 7, 0.2434 at 8 (NDCG@20 0.1956). K 10: lambda 10 0.2209 at epoch 4 (stopped), 2
+  0.2375 at epoch 5 (stopped), 0.5 0.2426 at 8 (NDCG@20 0.1958); lambda 2 on only the neighbours
+  the user has not trained on 0.2330 at epoch 3 (stopped), without logQ on the neighbours 0.2356 at
+  epoch 4 (stopped); K 3, lambda 2: 0.2434 at 8 (NDCG@20 0.1954). Worse in proportion to lambda at
+  every epoch, level at best: removed. Fit 480-531 s against 435 s for the reference (1 rank, 8 epochs).
 * ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
   ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
 * Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
