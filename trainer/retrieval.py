@@ -535,7 +535,8 @@ def _id_maps(dm: RetrievalDataModule) -> dict[str, Any]:
             }
         elif info.hash_buckets:
             out[f.name] = {
-                "index": "1 + stable_hash(raw) % hash_buckets (data.prepare.stable_hash)",
+                "index": "1 + stable_hash(raw) % hash_buckets (serving.features.stable_hash: 64-bit "
+                "FNV-1a over the string's Unicode code points; integers hash to themselves)",
                 "hash_buckets": info.hash_buckets,
             }
         else:
