@@ -39,7 +39,7 @@ from data.ctr import CTRBatchBuilder
 from data.shards import PreparedDataset
 from serving.app import create_app
 from serving.batching import FAISS_BLAS_THRESHOLD, BatchConfig, Batcher
-from serving.funnel import Funnel, RecommendRequest, RequestError
+from serving.funnel import Funnel, RecommendRequest, RequestError, blend, mmr_rerank
 from trainer.config import load_config
 from trainer.export_bundle import export_bundle
 from trainer.export_ranking import export_ranking, load_training_model
@@ -109,6 +109,78 @@ def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 120.0) -
             pass
         time.sleep(0.3)
     raise AssertionError("server did not become ready")
+
+
+def _reference_blend(
+    lists: list[tuple[str, list[int], list[float]]], exclude: set[int], limit: int, num_items: int
+) -> tuple[list[int], dict[str, list[float]]]:
+    """``blend`` spelled out: rank by rank, sources in order, first mention kept."""
+    chosen: list[int] = []
+    for rank in range(max((len(items) for _, items, _ in lists), default=0)):
+        for _, items, _ in lists:
+            if rank < len(items):
+                item = items[rank]
+                if 0 < item <= num_items and item not in exclude and item not in chosen:
+                    chosen.append(item)
+    chosen = chosen[:limit]
+    columns = {}
+    for name, items, scores in lists:
+        first = {}
+        for item, score in zip(items, scores, strict=True):
+            first.setdefault(item, score)
+        columns[name] = [first.get(item, float("nan")) for item in chosen]
+    return chosen, columns
+
+
+_ITEM_LISTS = st.lists(
+    st.lists(st.tuples(st.integers(-1, 25), st.floats(-5, 5, width=32)), max_size=15), min_size=1, max_size=3
+)
+
+
+@given(lists=_ITEM_LISTS, exclude=st.sets(st.integers(0, 25), max_size=6), limit=st.integers(0, 40))
+@settings(max_examples=300, deadline=None)
+def test_blend_interleaves_dedupes_and_keeps_each_sources_first_score(
+    lists: list[list[tuple[int, float]]], exclude: set[int], limit: int
+) -> None:
+    named = [(f"s{i}", [x for x, _ in pairs], [y for _, y in pairs]) for i, pairs in enumerate(lists)]
+    arrays = [(n, np.array(it, dtype=np.int64), np.array(sc, dtype=np.float32)) for n, it, sc in named]
+    chosen, columns = blend(arrays, np.array(sorted(exclude), dtype=np.int64), limit, num_items=20)
+    want, want_columns = _reference_blend(named, exclude, limit, num_items=20)
+    assert chosen.tolist() == want
+    assert set(columns) == set(want_columns)
+    for name, column in columns.items():
+        np.testing.assert_array_equal(column, np.array(want_columns[name], dtype=np.float32))
+
+
+@given(
+    relevance=st.lists(st.floats(0, 1), min_size=1, max_size=12),
+    k=st.integers(1, 14),
+    diversity=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=200, deadline=None)
+def test_mmr_picks_greedily_by_relevance_against_max_similarity(
+    relevance: list[float], k: int, diversity: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((len(relevance), 4)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    order, scores, sims = mmr_rerank(np.array(relevance), v, k, diversity)
+    assert len(order) == min(k, len(relevance)) == len(set(order.tolist()))
+    picked: list[int] = []
+    for step, choice in enumerate(order.tolist()):
+
+        def mmr(i: int) -> tuple[float, float]:
+            sim = max((float(v[i] @ v[j]) for j in picked), default=0.0)
+            return (1 - diversity) * relevance[i] - diversity * sim, sim
+
+        best = max(mmr(i)[0] for i in range(len(relevance)) if i not in picked)
+        score, sim = mmr(choice)
+        # the pick attains the greedy maximum (either of two tied items may be taken)
+        assert choice not in picked and score == pytest.approx(best, abs=1e-6)
+        assert scores[step] == pytest.approx(score, abs=1e-6)
+        assert sims[step] == pytest.approx(sim if diversity > 0 else 0.0, abs=1e-6)
+        picked.append(choice)
 
 
 @pytest.fixture(scope="module")
