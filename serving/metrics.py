@@ -6,8 +6,11 @@ all the server needs, and the text format (``# HELP`` / ``# TYPE`` / samples) is
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections import defaultdict
+from typing import Any
 
 # seconds; dense where the funnel's latencies live (sub-millisecond stages to a 150 ms budget)
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -39,6 +42,34 @@ class Histogram:
         self.counts[i] += 1
         self.total += value
         self.n += 1
+
+
+# seconds; a young collection takes microseconds, a full one of an unfrozen server hundreds of ms
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GcPauses:
+    """Durations of the cyclic garbage collector's passes, by generation, from ``gc.callbacks``.
+
+    Every pass holds the GIL, so it stalls every request in flight: the number that showed the
+    64-client tail (see ``serving.app.freeze_heap``). No lock: the callback runs inside a collection,
+    possibly on a thread that holds another lock, and collections never overlap.
+    """
+
+    def __init__(self) -> None:
+        self.pauses = {g: Histogram(GC_BUCKETS) for g in range(3)}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif phase == "stop" and info.get("generation") in self.pauses:
+            self.pauses[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+GC_PAUSES = GcPauses()
+if GC_PAUSES not in gc.callbacks:
+    gc.callbacks.append(GC_PAUSES)
 
 
 class Metrics:
@@ -113,6 +144,17 @@ class Metrics:
             ]
             for labels, value in sorted(self.reloads.items()):
                 lines.append(f"funnel_reloads_total{_labels(labels)} {value}")
+            self._histogram(
+                lines,
+                "funnel_gc_pause_seconds",
+                "Passes of Python's cyclic garbage collector by generation (each stalls every request).",
+                {(("generation", str(g)),): h for g, h in GC_PAUSES.pauses.items()},
+            )
+            lines += [
+                "# HELP funnel_gc_frozen_objects Objects the garbage collector skips (frozen after loading).",
+                "# TYPE funnel_gc_frozen_objects gauge",
+                f"funnel_gc_frozen_objects {gc.get_freeze_count()}",
+            ]
             if self.bundle:
                 lines += [
                     "# HELP funnel_bundle_info The bundle being served.",

@@ -504,10 +504,24 @@ def test_similar_health_metrics_and_schema(stack: Any) -> None:
     assert ready["status"] == "ready" and ready["bundle"]["retrieval"] == ["sasrec", "two_tower"]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/similar/{item_id}", "/admin/reload", "/metrics"} <= set(paths)
+    assert client.post("/recommend", json={"k": 3}).status_code == 200  # counted below, whatever ran before
     text = client.get("/metrics").text
     assert 'funnel_requests_total{endpoint="/recommend",method="POST",status="200"}' in text
     assert 'funnel_stage_duration_seconds_bucket{stage="ranking",le="+Inf"}' in text
     assert 'funnel_request_duration_seconds_count{endpoint="/similar/{item_id}"}' in text
+    # the server froze its heap after loading, and reports how long its collections stall it
+    frozen = next(line for line in text.splitlines() if line.startswith("funnel_gc_frozen_objects "))
+    assert int(frozen.split()[1]) > 100_000
+    assert 'funnel_gc_pause_seconds_count{generation="0"}' in text
+
+
+def test_gc_pauses_are_timed_by_generation() -> None:
+    from serving.metrics import GC_PAUSES, Metrics
+
+    before = GC_PAUSES.pauses[2].n
+    gc.collect()
+    assert GC_PAUSES.pauses[2].n == before + 1 and GC_PAUSES.pauses[2].total > 0
+    assert f'funnel_gc_pause_seconds_count{{generation="2"}} {before + 1}' in Metrics().render()
 
 
 @pytest.mark.slow
