@@ -113,6 +113,34 @@ class ShardedModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- evaluation: Lightning's validation and test hooks, one implementation per split ------------
+    def _eval_start(self, split: str) -> None:
+        """Before the first batch of a validation or test epoch (``split`` is ``val`` or ``test``)."""
+
+    def _eval_step(self, split: str, batch: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate")
+
+    def _eval_epoch_end(self, split: str) -> None:
+        """After the last batch: compute, log and reset the split's metrics."""
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
     # -- the learning-rate schedule ---------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
         """``lr_schedule``'s factor at optimizer step ``step`` of this run (warmup not included)."""

@@ -53,17 +53,5 @@ class DeepFMModule(ShardedModule):
             if name != "rows":
                 self.log(f"{split}/{name}", value, prog_bar=name == "auc", rank_zero_only=False)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Any:
         return torch.sigmoid(self(batch).float())

@@ -333,7 +333,7 @@ class TwoTowerModule(ShardedModule):
         table[local_ids] = local
         return table
 
-    def _eval_start(self) -> None:
+    def _eval_start(self, split: str) -> None:
         self._item_table = self.item_embeddings()
         counts = torch.from_numpy(self._datamodule().item_counts).to(self.device, torch.float32)
         self._popularity = counts.unsqueeze(0)
@@ -341,7 +341,7 @@ class TwoTowerModule(ShardedModule):
             acc.reset()
 
     @torch.no_grad()
-    def _eval_step(self, batch: UserBatch) -> None:
+    def _eval_step(self, split: str, batch: UserBatch) -> None:
         assert self.model is not None and self._item_table is not None and self._popularity is not None
         query, _ = self.model(batch.features, batch.num_queries, 0)
         width = self.num_items + 1
@@ -358,7 +358,7 @@ class TwoTowerModule(ShardedModule):
                 topk_metrics_from_scores(mask_scores(popular, seen), targets, self.ks)
             )
 
-    def _eval_end(self, split: str) -> dict[str, float]:
+    def _eval_epoch_end(self, split: str) -> None:
         results = {}
         for source, acc in self._accumulators.items():
             if source == "pop" and not self.popularity_baseline:
@@ -371,25 +371,6 @@ class TwoTowerModule(ShardedModule):
         for key, value in results.items():
             self.log(key, value, prog_bar=key == f"{split}/recall@{self.ks[0]}", rank_zero_only=False)
         self._item_table = None
-        return results
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start()
-
-    def validation_step(self, batch: UserBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_start()
-
-    def test_step(self, batch: UserBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
 
 # -- the recipe ----------------------------------------------------------------------------------

@@ -417,18 +417,6 @@ class SequentialModule(ShardedModule):
                     self.log(f"{split}/{protocol}_{name}", value, prog_bar=name == "ndcg@10",
                              rank_zero_only=False)  # fmt: skip
 
-    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
 
 # -- recipes -------------------------------------------------------------------------------------
 def _split_model_section(cfg: RunConfig) -> tuple[dict[str, Any], SequentialTaskConfig]:
