@@ -56,6 +56,13 @@ def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is privat
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default auto: uvloop when installed, the serving extra installs it)",
     )
+    p.add_argument(
+        "--compute",
+        default="process",
+        choices=("process", "thread"),
+        help="where the models run: a compute process of their own (default; the HTTP event loop and "
+        "the compute then each have a core and a GIL) or a thread of the HTTP process",
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=serve)
 
@@ -81,6 +88,7 @@ def serve(args: argparse.Namespace) -> int:
     from serving.app import create_app
     from serving.batching import BatchConfig
     from serving.bundle import BundleError
+    from serving.compute import ComputeProcess
     from serving.funnel import Funnel, FunnelConfig
 
     # the compute thread sets both again for itself (OpenMP settings are per thread); these cover the
@@ -91,18 +99,23 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.torch_threads
     )
     config = FunnelConfig(per_source=args.per_source, max_candidates=args.max_candidates)
+    compute: Funnel | ComputeProcess
     try:
-        funnel = Funnel.load(args.bundle, config)
+        if args.compute == "process":
+            compute = ComputeProcess.launch(args.bundle, config, batching)
+        else:
+            compute = Funnel.load(args.bundle, config)
     except BundleError as e:
         print(f"error: bundle refused: {e}", file=sys.stderr)
         return 1
+    info = compute.info
     print(
-        f"funnel serve: bundle {funnel.version} ({funnel.info['items']} items, ranking "
-        f"{funnel.ranking_name}, retrieval {funnel.info['retrieval']}) on http://{args.host}:{args.port}",
+        f"funnel serve: bundle {info['version']} ({info['items']} items, ranking {info['ranking']}, "
+        f"retrieval {info['retrieval']}; compute {args.compute}) on http://{args.host}:{args.port}",
         flush=True,
     )
     uvicorn.run(
-        create_app(funnel, config, args.max_body_bytes, batching),
+        create_app(compute, config, args.max_body_bytes, batching),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

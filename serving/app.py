@@ -6,25 +6,22 @@ gets a 4xx whose ``error`` names the field; nothing a client sends may produce a
 Concurrency: the handlers are ``async`` and do only HTTP work on the event loop (parse, validate,
 encode the answer); every model and index call runs on the :class:`~serving.batching.Batcher`'s one
 compute thread, which batches concurrent ``/recommend`` requests into one pass through the funnel
-(see ``serving/batching.py``). Compute therefore never runs on more threads than configured, however
-many requests are in flight.
+(see ``serving/batching.py``), either in this process or, as ``funnel serve`` runs it, in a compute
+process of its own (``serving/compute.py``: the event loop and the compute then do not share a
+GIL). Compute never runs on more threads than configured, however many requests are in flight.
 
 Hot reload (``POST /admin/reload {"path": ...}``) loads and verifies the new bundle completely
-(checksums, format version, every model, one smoke-test request) on a pool thread while the old
-bundle keeps serving, then swaps one reference; requests already submitted finish on the bundle
+(checksums, format version, every model, one smoke-test request) on a thread of its own while the
+old bundle keeps serving, then swaps one reference; requests already submitted finish on the bundle
 they started with (a batch never mixes bundles). A bundle that fails any check is refused with 422
 and the reason; a reload while another is in progress gets 409.
 """
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import logging
-import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -35,8 +32,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.batching import BatchConfig, Batcher
+from serving.batching import BatchConfig
 from serving.bundle import BundleError
+from serving.compute import ComputeDied, ComputeProcess, LocalCompute
 from serving.funnel import STAGES, Funnel, FunnelConfig, RecommendRequest, RequestError
 from serving.metrics import Metrics
 
@@ -229,68 +227,41 @@ class RequestMetrics:
             self.metrics.request(endpoint, scope.get("method", ""), status, time.perf_counter() - started)
 
 
-def freeze_heap() -> None:
-    """Exempt every object alive now from the cyclic garbage collector's scans (``gc.freeze``).
-
-    Why: a loaded server holds ~400,000 GC-tracked objects (torch, FastAPI, pydantic, the bundle's
-    programs); every full collection walked them all with the GIL held, 230-300 ms on this machine,
-    triggered every few seconds by request garbage: the stalls behind the 64-client p99. Frozen, a
-    full collection takes ~0.01 ms.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def release_and_freeze(retired: weakref.ref[Any], attempts: int = 10, pause_s: float = 0.2) -> bool:
-    """After a reload: collect the retired bundle, then freeze the heap again.
-
-    Frozen objects are never collected, and a bundle's programs hold reference cycles, so the old
-    bundle must be gone before the next freeze; requests still running on it keep it alive for up to
-    a batch, hence the pauses. Each attempt is one full collection (~0.3 s with the GIL held). False:
-    still alive after every attempt; the heap stays unfrozen (slower collections, nothing leaked).
-    """
-    gc.unfreeze()
-    for _ in range(attempts):
-        time.sleep(pause_s)
-        gc.collect()
-        if retired() is None:
-            gc.freeze()
-            return True
-    return False
-
-
 class ServerState:
-    """The bundle being served (swapped whole on reload) and what the endpoints share."""
+    """Where the answers are computed (its bundle swapped whole on reload) and what the endpoints share."""
 
-    def __init__(self, funnel: Funnel, config: FunnelConfig, batching: BatchConfig) -> None:
-        self.funnel = funnel
+    def __init__(self, compute: LocalCompute | ComputeProcess, config: FunnelConfig) -> None:
+        self.compute = compute
         self.config = config
-        self.batcher = Batcher(batching)
         self.metrics = Metrics()
-        self.metrics.set_bundle(funnel.version, str(funnel.root))
-        self.reload_lock = threading.Lock()
+        self.metrics.set_bundle(compute.info["version"], compute.info["path"])
+        self.reloading = False
 
 
 def create_app(
-    funnel: Funnel,
+    compute: Funnel | LocalCompute | ComputeProcess,
     config: FunnelConfig | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     batching: BatchConfig | None = None,
 ) -> Any:
-    """The ASGI application serving ``funnel`` (wrapped in the body-limit and metrics middleware).
+    """The ASGI application (wrapped in the body-limit and metrics middleware) answering from ``compute``.
 
-    ``batching`` sets the compute thread: batch size, batching window, torch/FAISS threads.
+    A :class:`Funnel` is served by a compute thread of this process (:class:`LocalCompute`), whose
+    batch size, batching window and torch/FAISS threads ``batching`` sets; a :class:`ComputeProcess`
+    was configured when it was launched. ``config`` is what a reloaded bundle is loaded with.
     """
-    state = ServerState(funnel, config or funnel.config, batching or BatchConfig())
+    if isinstance(compute, Funnel):
+        config = config or compute.config
+        compute = LocalCompute(compute, batching)
+    state = ServerState(compute, config or FunnelConfig())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.batcher.start()
-        freeze_heap()
+        await state.compute.start()
         try:
             yield
         finally:
-            state.batcher.close()
+            await state.compute.close()
 
     app = FastAPI(
         title="funnel serving",
@@ -326,6 +297,10 @@ def create_app(
     async def unservable(request: Request, exc: RequestError) -> JSONResponse:
         return _error(422, exc.field, exc.message)
 
+    @app.exception_handler(ComputeDied)
+    async def compute_died(request: Request, exc: ComputeDied) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
@@ -340,7 +315,7 @@ def create_app(
     async def recommend(body: RecommendBody) -> Response:
         request = RecommendRequest(**body.model_dump())
         # a RequestError comes back through the future and becomes a 422 naming the field
-        result = await asyncio.wrap_future(state.batcher.submit(state.funnel, request))
+        result = await state.compute.recommend(request, time.perf_counter())
         state.metrics.stages(result["latency_ms"], ("queue", *STAGES, "total"))
         state.metrics.batch(result["batch"])
         # encoded here: FastAPI's generic response serialisation costs more than the re-ranking
@@ -353,53 +328,45 @@ def create_app(
         item_id: Annotated[str, Path(max_length=MAX_ID_CHARS)],
         k: Annotated[int, Query(ge=1, le=200)] = 10,
     ) -> Any:
-        funnel = state.funnel
-        key: str | int = item_id
-        if funnel.items.ids.is_int:
-            try:
-                key = int(item_id)
-            except ValueError:
-                return _error(404, "item_id", f"unknown item {item_id!r}")
         try:
-            return await asyncio.wrap_future(state.batcher.call(lambda: funnel.similar(key, k)))
+            return await state.compute.similar(item_id, k)
         except KeyError:
             return _error(404, "item_id", f"unknown item {item_id!r}")
 
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, str]:
+    @app.get("/healthz", summary="Liveness: 503 once the compute process has died (restart the server)")
+    async def healthz() -> Any:
+        if not state.compute.alive:
+            return JSONResponse({"status": "compute process exited"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: a verified bundle is loaded")
-    async def readyz() -> dict[str, Any]:
-        return {"status": "ready", "bundle": state.funnel.info}
+    async def readyz() -> Any:
+        if not state.compute.alive:
+            return JSONResponse({"status": "compute process exited"}, status_code=503)
+        return {"status": "ready", "bundle": state.compute.info}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/reload", summary="Verify and atomically swap in another bundle")
-    def reload(body: ReloadBody) -> Any:  # sync: the verification runs on a pool thread, off the loop
-        if not state.reload_lock.acquire(blocking=False):
-            return _error(409, "path", "another reload is in progress", serving=state.funnel.version)
+    async def reload(body: ReloadBody) -> Any:
+        previous = state.compute.info["version"]
+        if state.reloading:
+            return _error(409, "path", "another reload is in progress", serving=previous)
+        state.reloading = True
         try:
-            old = state.funnel
-            try:
-                new = Funnel.load(body.path, state.config)
-            except BundleError as e:
-                state.metrics.reload("refused")
-                log.warning("reload refused: %s", e)
-                return _error(422, "path", f"bundle refused: {e}", serving=old.version)
-            state.funnel = new
-            state.metrics.set_bundle(new.version, str(new.root))
-            state.metrics.reload("ok")
-            previous = old.version
-            log.info("reloaded bundle %s -> %s (%s)", previous, new.version, new.root)
-            retired = weakref.ref(old)
-            del old
-            if not release_and_freeze(retired):
-                log.warning("bundle %s still in use after the reload: heap left unfrozen", previous)
-            return {"status": "reloaded", "bundle": new.info, "previous": previous}
+            info, released = await state.compute.reload(body.path, state.config)
+        except BundleError as e:
+            state.metrics.reload("refused")
+            log.warning("reload refused: %s", e)
+            return _error(422, "path", f"bundle refused: {e}", serving=state.compute.info["version"])
         finally:
-            state.reload_lock.release()
+            state.reloading = False
+        state.metrics.set_bundle(info["version"], info["path"])
+        state.metrics.reload("ok")
+        log.info("reloaded bundle %s -> %s (%s)", previous, info["version"], info["path"])
+        # previous_released false: requests still held the old bundle; its memory is freed later
+        return {"status": "reloaded", "bundle": info, "previous": previous, "previous_released": released}
 
     return RequestMetrics(BodyLimit(app, max_body_bytes), state.metrics)

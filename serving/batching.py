@@ -105,10 +105,16 @@ class Batcher:
             self._queue.put(_STOP)
             thread.join(timeout)
 
-    def submit(self, funnel: Funnel, request: RecommendRequest) -> Future[dict[str, Any]]:
-        """A future of ``funnel``'s answer to ``request`` (its exception: the request's RequestError)."""
+    def submit(
+        self, funnel: Funnel, request: RecommendRequest, arrived: float | None = None
+    ) -> Future[dict[str, Any]]:
+        """A future of ``funnel``'s answer to ``request`` (its exception: the request's RequestError).
+
+        ``arrived``: when the request reached the server (``time.perf_counter()``, default now), from
+        which its queue latency counts.
+        """
         future: Future[dict[str, Any]] = Future()
-        self._queue.put(_Job(funnel, request, future, time.perf_counter()))
+        self._queue.put(_Job(funnel, request, future, time.perf_counter() if arrived is None else arrived))
         return future
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
@@ -132,7 +138,7 @@ class Batcher:
                 return
             held, last_batch = self._handle(item, last_batch, wait)
             # kept, the last request would hold its bundle alive while the queue is empty, and a
-            # bundle retired by a reload must be collectable at once (serving.app.release_and_freeze)
+            # bundle retired by a reload must be collectable at once (serving.compute.release_and_freeze)
             item = None
 
     def _handle(self, item: Any, last_batch: int, wait: float) -> tuple[Any, int]:

@@ -52,7 +52,7 @@ class GcPauses:
     """Durations of the cyclic garbage collector's passes, by generation, from ``gc.callbacks``.
 
     Every pass holds the GIL, so it stalls every request in flight: the number that showed the
-    64-client tail (see ``serving.app.freeze_heap``). No lock: the callback runs inside a collection,
+    64-client tail (see ``serving.compute.freeze_heap``). No lock: the callback runs inside a collection,
     possibly on a thread that holds another lock, and collections never overlap.
     """
 

@@ -11,10 +11,12 @@ a batch never mixes bundles, and the compute thread runs on the configured threa
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -673,6 +675,8 @@ def test_reload_under_traffic_loses_no_request(stack: Any) -> None:
         time.sleep(0.5)
         back = client.post("/admin/reload", json={"path": str(stack["root"] / "bundle-a")})
         assert back.status_code == 200
+        # the compute process collected each replaced bundle before freezing its heap again
+        assert reloaded.json()["previous_released"] and back.json()["previous_released"]
         time.sleep(0.3)
     finally:
         stop.set()
@@ -702,6 +706,7 @@ def test_the_heap_is_frozen_and_a_reload_frees_the_old_bundle(stack: Any) -> Non
             reloaded = client.post("/admin/reload", json={"path": str(stack["root"] / "bundle-b")})
             assert reloaded.status_code == 200, reloaded.text
             assert retired() is None  # collected before the heap was frozen again, not frozen forever
+            assert reloaded.json()["previous_released"] is True
             assert gc.get_freeze_count() > 0
             assert (
                 client.post("/recommend", json={"k": 3}).json()["bundle"]
@@ -709,3 +714,55 @@ def test_the_heap_is_frozen_and_a_reload_frees_the_old_bundle(stack: Any) -> Non
             )
     finally:
         gc.unfreeze()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_the_compute_process_answers_as_in_process_and_its_death_is_a_503(stack: Any) -> None:
+    bundle = stack["root"] / "bundle-b"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(bundle, port)  # `funnel serve` computes in a child process by default
+    try:
+        _wait_ready(proc, url)
+        (child,) = _children(proc.pid)
+        users, items = _users_items(stack["world"])
+        funnel = Funnel.load(bundle)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for request in _mixed_requests(users, items)[:8]:
+                served = client.post("/recommend", json=dataclasses.asdict(request))
+                try:
+                    expected = funnel.recommend(request)
+                except RequestError as e:  # raised in the child, named in the HTTP answer
+                    assert served.status_code == 422 and served.json()["field"] == e.field, served.text
+                    continue
+                assert served.status_code == 200, served.text
+                _assert_same_answer(expected, served.json())
+            similar = client.get(f"/similar/{quote(str(items[3]), safe='')}", params={"k": 4})
+            assert similar.json() == json.loads(json.dumps(funnel.similar(items[3], 4)))
+            assert client.get("/similar/no-such-item").status_code == 404
+
+            os.kill(child, signal.SIGKILL)
+            deadline = time.time() + 30
+            while client.get("/healthz").status_code == 200 and time.time() < deadline:
+                time.sleep(0.1)
+            # a dead compute process is an unhealthy server (restart it), never a hung request
+            assert client.get("/healthz").status_code == 503
+            assert client.get("/readyz").status_code == 503
+            assert client.post("/recommend", json={"k": 3}).status_code == 503
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out, out
