@@ -16,7 +16,9 @@ than one device), read through two features of the same table:
 Scores are inner products of the encoder output with these tied item embeddings (the paper's
 shared item matrix). The encoder (:class:`SASRecEncoder`) is plain ``torch.nn``: right-aligned
 learned positions, blocks of ``LN -> causal self-attention -> residual``, ``LN -> FFN ->
-residual`` (the paper's pre-LN, eq. 5; post-LN by option), and a final LayerNorm.
+residual`` (the paper's pre-LN, eq. 5; post-LN by option), and a final LayerNorm. ``block: paper``
+is instead the block of the paper's TF1 code (:class:`PaperSASRecBlock`), and ``init: xavier`` its
+Glorot-uniform initialisation.
 
 In training the encoder works on the real items only (:class:`TokenLayout`): every sublayer but the
 attention is position-wise, so it runs on the ``[n, d]`` real positions, and only the attention sees
@@ -140,26 +142,57 @@ class TokenLayout:
         return x if self.packed else x * self.keep.to(x.dtype)
 
 
+class GlorotLinear(nn.Linear):
+    """``nn.Linear`` with the paper's TF1 init: Glorot-uniform kernel, zero bias (``init: xavier``).
+
+    An override of ``reset_parameters``, not an init pass after construction, because DMP
+    materialises a model built on ``meta`` by calling each module's ``reset_parameters``.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class GlorotEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a Glorot-uniform table (the paper's position table, ``init: xavier``)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float, device: torch.device | None = None) -> None:
+    """Causal multi-head attention; keys and values from ``keys`` when given (the paper's block), else ``x``.
+
+    ``output_projection=False`` is the paper's TF1 code, which concatenates the heads without one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, output_projection: bool = True,
+                 linear: type[nn.Linear] = nn.Linear,
+                 device: torch.device | None = None) -> None:  # fmt: skip
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"model.embedding_dim {dim} must be divisible by model.num_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.query = nn.Linear(dim, dim, device=device)
+        self.query = linear(dim, dim, device=device)
         # No key bias: it adds q.b to every key's score of a query, which the softmax cancels, so its
         # gradient is rounding noise that Adam would normalise into real steps.
-        self.key = nn.Linear(dim, dim, bias=False, device=device)
-        self.value = nn.Linear(dim, dim, device=device)
-        self.proj = nn.Linear(dim, dim, device=device)
+        self.key = linear(dim, dim, bias=False, device=device)
+        self.value = linear(dim, dim, device=device)
+        self.proj: nn.Module = linear(dim, dim, device=device) if output_projection else nn.Identity()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        q, k, v = (self._heads(layout.grid(f(x))) for f in (self.query, self.key, self.value))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout,
+                keys: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        kv = x if keys is None else keys
+        q, k, v = (
+            self._heads(layout.grid(f(t))) for f, t in ((self.query, x), (self.key, kv), (self.value, kv))
+        )
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -167,20 +200,28 @@ class CausalSelfAttention(nn.Module):
         return self.proj(layout.tokens(y.transpose(1, 2).reshape(batch, length, -1)))
 
 
+def feed_forward(dim: int, ffn_dim: int, dropout: float, linear: type[nn.Linear],
+                 device: torch.device | None) -> nn.Sequential:  # fmt: skip
+    return nn.Sequential(
+        linear(dim, ffn_dim, device=device),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        linear(ffn_dim, dim, device=device),
+    )
+
+
 class SASRecBlock(nn.Module):
+    """``block: ours``: ``x + attn(LN(x))``, ``x + FFN(LN(x))`` (pre-LN) or post-LN; dropout on both."""
+
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, pre_ln: bool,
+                 linear: type[nn.Linear] = nn.Linear,
                  device: torch.device | None = None) -> None:  # fmt: skip
         super().__init__()
         self.pre_ln = pre_ln
         self.attn_norm = nn.LayerNorm(dim, device=device)
-        self.attn = CausalSelfAttention(dim, num_heads, dropout, device)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout, linear=linear, device=device)
         self.ffn_norm = nn.LayerNorm(dim, device=device)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim, device=device),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(ffn_dim, dim, device=device),
-        )
+        self.ffn = feed_forward(dim, ffn_dim, dropout, linear, device)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -191,6 +232,42 @@ class SASRecBlock(nn.Module):
             x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask, layout)))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return layout.finish(x)
+
+
+# The paper's TF1 code (kang205/SASRec ``modules.normalize``) uses this LayerNorm epsilon.
+PAPER_LN_EPS = 1e-8
+
+
+class PaperSASRecBlock(nn.Module):
+    """``block: paper``: one block of the paper's TF1 code (kang205/SASRec ``model.py``/``modules.py``).
+
+    Unlike :class:`SASRecBlock`: the attention's queries and residual are the *normalised* ``LN(x)``
+    while its keys and values are the un-normalised ``x``; no output projection; the attention's
+    only dropout is on its weights; the feed-forward residual is ``LN(x)`` too; LayerNorm eps 1e-8.
+    The TF1 key bias is left out as in ``ours`` (the softmax cancels it). benchmarks/sasrec_reference.py
+    measured this block learning the paper's BCE recipe faster than ``ours`` on Video.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float,
+                 linear: type[nn.Linear] = nn.Linear,
+                 device: torch.device | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=PAPER_LN_EPS, device=device)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout, output_projection=False, linear=linear,
+                                        device=device)  # fmt: skip
+        self.ffn_norm = nn.LayerNorm(dim, eps=PAPER_LN_EPS, device=device)
+        self.ffn = feed_forward(dim, ffn_dim, dropout, linear, device)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        queries = self.attn_norm(x)
+        x = queries + self.attn(queries, attn_mask, layout, keys=x)
+        h = self.ffn_norm(x)
+        return layout.finish(h + self.dropout(self.ffn(h)))
+
+
+BLOCKS = ("ours", "paper")
+INITS = ("default", "xavier")
 
 
 @dataclass
@@ -204,7 +281,12 @@ class SASRecConfig:
     dropout: float = 0.5
     pre_ln: bool = True  # the paper's eq. 5; False: post-LN (LN after each residual)
     scale_embeddings: bool = True  # history embeddings times sqrt(d) before the positions are added
-    init_scale: float | None = None  # item table init U(-s, s); None: sqrt(1 / num_items)
+    init_scale: float | None = None  # item table init U(-s, s); None: sqrt(1 / num_items), or Glorot's
+    # "ours": SASRecBlock; "paper": the paper's TF1 block (PaperSASRecBlock), pre-LN only
+    block: str = "ours"
+    # "default": torch's init of the dense layers and position table; "xavier": the paper's TF1 code,
+    # Glorot-uniform item table, position table and dense kernels, zero biases
+    init: str = "default"
 
     def __post_init__(self) -> None:
         for name in ("num_items", "embedding_dim", "max_len", "num_blocks", "num_heads"):
@@ -221,6 +303,22 @@ class SASRecConfig:
                 f"model.embedding_dim {self.embedding_dim} must be divisible by model.num_heads "
                 f"{self.num_heads}"
             )
+        if self.block not in BLOCKS:
+            raise ValueError(f"model.block {self.block!r}: choose from {BLOCKS}")
+        if self.init not in INITS:
+            raise ValueError(f"model.init {self.init!r}: choose from {INITS}")
+        if self.block == "paper" and not self.pre_ln:
+            raise ValueError("model.pre_ln false does not apply to model.block 'paper' (its layout is fixed)")
+        if self.init == "xavier" and self.init_scale is not None:
+            raise ValueError(
+                "model.init_scale and model.init 'xavier' both set the item table's init: give one"
+            )
+
+    def item_init_scale(self) -> float:
+        """Bound ``s`` of the item table's U(-s, s) init (Glorot's for ``init: xavier``, row 0 counted)."""
+        if self.init == "xavier":
+            return math.sqrt(6.0 / (self.num_items + self.embedding_dim))
+        return self.init_scale if self.init_scale is not None else math.sqrt(1.0 / self.num_items)
 
 
 class SASRecEncoder(nn.Module):
@@ -236,16 +334,23 @@ class SASRecEncoder(nn.Module):
         c = config
         self.max_len = c.max_len
         self.scale = math.sqrt(c.embedding_dim) if c.scale_embeddings else 1.0
-        self.positions = nn.Embedding(c.max_len, c.embedding_dim, device=device)
+        xavier = c.init == "xavier"
+        linear = GlorotLinear if xavier else nn.Linear
+        self.positions = (GlorotEmbedding if xavier else nn.Embedding)(
+            c.max_len, c.embedding_dim, device=device
+        )
         self.dropout = nn.Dropout(c.dropout)
         ffn_dim = c.ffn_dim or c.embedding_dim
         self.blocks = nn.ModuleList(
-            SASRecBlock(c.embedding_dim, c.num_heads, ffn_dim, c.dropout, c.pre_ln, device)
+            PaperSASRecBlock(c.embedding_dim, c.num_heads, ffn_dim, c.dropout, linear, device)
+            if c.block == "paper"
+            else SASRecBlock(c.embedding_dim, c.num_heads, ffn_dim, c.dropout, c.pre_ln, linear, device)
             for _ in range(c.num_blocks)
         )
         # pre-LN leaves the residual stream unnormalised; post-LN blocks already end in a LayerNorm
+        eps = PAPER_LN_EPS if c.block == "paper" else 1e-5
         self.final_norm: nn.Module = (
-            nn.LayerNorm(c.embedding_dim, device=device) if c.pre_ln else nn.Identity()
+            nn.LayerNorm(c.embedding_dim, eps=eps, device=device) if c.pre_ln else nn.Identity()
         )
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -288,7 +393,11 @@ class SequentialRecommender(nn.Module):
 class SASRec(SequentialRecommender):
     def __init__(self, config: SASRecConfig, device: torch.device | None = None) -> None:
         super().__init__(
-            config.num_items, config.embedding_dim, SASRecEncoder(config, device), config.init_scale, device
+            config.num_items,
+            config.embedding_dim,
+            SASRecEncoder(config, device),
+            config.item_init_scale(),
+            device,
         )
         self.config = config
 

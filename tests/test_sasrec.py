@@ -41,11 +41,23 @@ MODEL = {"embedding_dim": 32, "max_len": MAX_LEN, "num_blocks": 2, "num_heads": 
 
 
 # -- model invariants ------------------------------------------------------------------------------
-def small_model(pre_ln: bool = True, seed: int = 0) -> SASRec:
+# The encoder's block layouts: ours pre-LN (the default), ours post-LN, and the paper's TF1 block
+# with its Glorot init (which sets the item table's init itself, so no init_scale).
+BLOCKS = {
+    "pre_ln": {"init_scale": 0.5},
+    "post_ln": {"pre_ln": False, "init_scale": 0.5},
+    "paper": {"block": "paper", "init": "xavier"},
+}
+
+
+def small_config(block: str, dropout: float) -> SASRecConfig:
+    sizes = {"num_items": 40, "embedding_dim": 12, "max_len": 10, "num_blocks": 2, "num_heads": 2}
+    return SASRecConfig(**sizes, dropout=dropout, **BLOCKS[block])  # type: ignore[arg-type]
+
+
+def small_model(block: str = "pre_ln", seed: int = 0) -> SASRec:
     torch.manual_seed(seed)
-    cfg = SASRecConfig(num_items=40, embedding_dim=12, max_len=10, num_blocks=2, num_heads=2, dropout=0.3,
-                       pre_ln=pre_ln, init_scale=0.5)  # fmt: skip
-    return SASRec(cfg).eval()
+    return SASRec(small_config(block, dropout=0.3)).eval()
 
 
 def all_scores(model: SASRec, seq: torch.Tensor) -> torch.Tensor:
@@ -55,9 +67,9 @@ def all_scores(model: SASRec, seq: torch.Tensor) -> torch.Tensor:
         return hidden @ model.item_weight().T
 
 
-@pytest.mark.parametrize("pre_ln", [True, False])
-def test_future_items_never_change_earlier_positions(pre_ln: bool) -> None:
-    model = small_model(pre_ln)
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_future_items_never_change_earlier_positions(block: str) -> None:
+    model = small_model(block)
     seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 9, 10, 11]])
     before = all_scores(model, seq)
     for t in range(seq.shape[1] - 1):
@@ -71,9 +83,9 @@ def test_future_items_never_change_earlier_positions(pre_ln: bool) -> None:
     assert (all_scores(model, changed)[:, 5:] - before[:, 5:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("pre_ln", [True, False])
-def test_extra_left_padding_does_not_change_scores(pre_ln: bool) -> None:
-    model = small_model(pre_ln)
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_extra_left_padding_does_not_change_scores(block: str) -> None:
+    model = small_model(block)
     seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 7]])
     base = all_scores(model, seq)
     for extra in (1, 5):
@@ -83,16 +95,14 @@ def test_extra_left_padding_does_not_change_scores(pre_ln: bool) -> None:
         all_scores(model, torch.ones(1, 11, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("pre_ln", [True, False])
-def test_training_on_the_real_items_only_equals_the_padded_grid(pre_ln: bool) -> None:
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_training_on_the_real_items_only_equals_the_padded_grid(block: str) -> None:
     """Training packs the real positions (``TokenLayout``); evaluation keeps the grid: same numbers."""
     seq = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 9]])
     results = []
     for training in (True, False):
         torch.manual_seed(0)
-        cfg = SASRecConfig(num_items=40, embedding_dim=12, max_len=10, num_blocks=2, num_heads=2, dropout=0.0,
-                           pre_ln=pre_ln, init_scale=0.5)  # fmt: skip
-        model = SASRec(cfg).train(training)
+        model = SASRec(small_config(block, dropout=0.0)).train(training)
         hidden, _ = model(seq, torch.zeros(0, dtype=torch.int64))
         (hidden * torch.linspace(-1, 1, 12)).sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -103,6 +113,81 @@ def test_training_on_the_real_items_only_equals_the_padded_grid(pre_ln: bool) ->
     assert packed_grads.keys() == grid_grads.keys() and len(grid_grads) > 10
     for name, grad in grid_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_paper_block_differs_from_ours_as_the_tf1_code() -> None:
+    """``block: paper`` by hand: queries and residual from LN(x), keys/values from x, no projection."""
+    torch.manual_seed(0)
+    encoder = SASRec(SASRecConfig(num_items=40, embedding_dim=8, max_len=4, num_blocks=1, num_heads=1,
+                                  dropout=0.0, block="paper")).encoder.eval()  # fmt: skip
+    block = encoder.blocks[0]
+    assert isinstance(block.attn.proj, torch.nn.Identity) and block.attn_norm.eps == 1e-8
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        hidden = encoder(x, torch.ones(1, 4, dtype=torch.bool))
+        h = x * math.sqrt(8) + encoder.positions.weight
+        q_in = F.layer_norm(h, (8,), block.attn_norm.weight, block.attn_norm.bias, eps=1e-8)
+        q, k, v = block.attn.query(q_in), block.attn.key(h), block.attn.value(h)
+        future = ~torch.ones(4, 4, dtype=torch.bool).tril()
+        scores = (q @ k.transpose(1, 2) / math.sqrt(8)).masked_fill(future, -math.inf)
+        y = q_in + scores.softmax(dim=-1) @ v
+        y = block.ffn_norm(y)
+        y = encoder.final_norm(y + block.ffn(y))
+    torch.testing.assert_close(hidden, y, rtol=0, atol=1e-5)
+
+
+def glorot_bound(weight: torch.Tensor) -> float:
+    return math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+
+
+def assert_glorot(weight: torch.Tensor, bound: float, name: str) -> None:
+    """Within Glorot's U(-b, b) and filling it (torch's default inits have other bounds or are normal)."""
+    top = weight.detach().abs().max().item()
+    assert 0.9 * bound < top <= bound, f"{name}: max |w| {top:.4f}, Glorot bound {bound:.4f}"
+
+
+def test_xavier_init_gives_the_glorot_bounds() -> None:
+    """``init: xavier`` on a plain module, and through the TorchRec path: built on meta, materialised
+    by DMP (one gloo process), which calls each module's ``reset_parameters``."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    from trainer.sharding import sharders
+
+    kwargs = {"num_items": 3000, "embedding_dim": 10, "max_len": 10, "num_heads": 2, "ffn_dim": 20}
+    torch.manual_seed(0)
+    default = SASRec(SASRecConfig(**kwargs)).encoder  # type: ignore[arg-type]
+    cfg = SASRecConfig(**kwargs, block="paper", init="xavier")  # type: ignore[arg-type]
+    assert cfg.item_init_scale() == pytest.approx(math.sqrt(6 / (3000 + 10)))
+    # torch's default kernel init stays well inside Glorot's bound: the test can tell the inits apart
+    default_kernel = default.blocks[0].ffn[0].weight
+    assert default_kernel.abs().max() < 0.9 * glorot_bound(default_kernel)
+    plain = SASRec(cfg)
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+        try:
+            dmp = DistributedModelParallel(SASRec(cfg, torch.device("meta")), device=torch.device("cpu"),
+                                           env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                           sharders=sharders())  # fmt: skip
+            table = dmp.state_dict()["items.embeddings.item.weight"].local_shards()[0].tensor
+            sharded = dmp.module
+        finally:
+            dist.destroy_process_group()
+    assert table.shape == (3000, 12)
+    assert_glorot(table[:, :10], cfg.item_init_scale(), "sharded item table")
+    for name, model in (("plain", plain), ("sharded", sharded)):
+        encoder = model.encoder
+        assert_glorot(encoder.positions.weight, glorot_bound(encoder.positions.weight), f"{name} positions")
+        for kernel in ("attn.query", "ffn.0", "ffn.3"):
+            linear = encoder.blocks[1].get_submodule(kernel)
+            assert_glorot(linear.weight, glorot_bound(linear.weight), f"{name} {kernel}")
+            assert (linear.bias == 0).all(), f"{name} {kernel}.bias"
+    assert_glorot(plain.item_weight(), cfg.item_init_scale(), "plain item table")
 
 
 def test_compiled_encoder_equals_eager() -> None:
@@ -308,6 +393,10 @@ def test_batch_is_pipelineable(handmade: Path) -> None:
         (["model.heads=2"], "model: .*heads"),
         (["model.loss=sampled_softmax", "model.num_negatives=0"], "model.num_negatives must be > 0"),
         (["data.features=[item]"], "data.features"),
+        (["model.block=tf1"], "model.block 'tf1'"),
+        (["model.init=glorot"], "model.init 'glorot'"),
+        (["model.block=paper", "model.pre_ln=false"], "model.pre_ln false does not apply to model.block"),
+        (["model.init=xavier", "model.init_scale=0.1"], "model.init_scale and model.init 'xavier'"),
     ],
 )
 def test_bad_config_names_the_field(handmade: Path, overrides: list[str], message: str) -> None:
@@ -441,7 +530,13 @@ def test_two_rank_evaluation_equals_brute_force(trained: Path, world: Path) -> N
 
 
 def reference_training(
-    dataset: Path, loss: str, steps: int, sparse_lr: float, dense_lr: float, init_dir: Path
+    dataset: Path,
+    loss: str,
+    steps: int,
+    sparse_lr: float,
+    dense_lr: float,
+    init_dir: Path,
+    model_overrides: dict[str, object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Plain single-process training on the global batches: unsharded table, torch SGD + Adam.
 
@@ -450,7 +545,8 @@ def reference_training(
     """
     torch.manual_seed(123)
     num_items = int(PreparedDataset(dataset).info("sequences", "items").vocab or 0)
-    model = SASRec(SASRecConfig(num_items=num_items, **{**MODEL, "dropout": 0.0}))  # type: ignore[arg-type]
+    overrides = {**MODEL, "dropout": 0.0, **(model_overrides or {})}
+    model = SASRec(SASRecConfig(num_items=num_items, **overrides))  # type: ignore[arg-type]
     save_unsharded(model, init_dir)
     sparse = list(model.items.parameters())
     dense = [p for n, p in model.named_parameters() if not n.startswith("items.")]
@@ -483,23 +579,34 @@ def reference_training(
     return model.state_dict()
 
 
+PAPER_BLOCK = {"block": "paper", "init": "xavier"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["ce", "bce", "sampled_softmax"])
-def test_two_rank_sharded_training_equals_unsharded(loss: str, world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("loss", "block"),
+    [("ce", {}), ("bce", {}), ("sampled_softmax", {}), ("bce", PAPER_BLOCK)],
+    ids=["ce", "bce", "sampled_softmax", "bce-paper_block"],
+)
+def test_two_rank_sharded_training_equals_unsharded(
+    loss: str, block: dict[str, object], world: Path, tmp_path: Path
+) -> None:
     steps = 10
     init_dir = tmp_path / "init"
-    reference = reference_training(world, loss, steps, sparse_lr=0.5, dense_lr=0.003, init_dir=init_dir)
+    reference = reference_training(world, loss, steps, sparse_lr=0.5, dense_lr=0.003, init_dir=init_dir,
+                                   model_overrides=block)  # fmt: skip
     cfg = write_config(
         tmp_path / "cfg.yaml", world, tmp_path / "run",
-        model={**MODEL, "dropout": 0.0, "loss": loss, "num_negatives": 50, "negative_sampler": "popularity"},
+        model={**MODEL, **block, "dropout": 0.0, "loss": loss, "num_negatives": 50,
+               "negative_sampler": "popularity"},
         sparse_optimizer={"name": "sgd", "lr": 0.5},
         trainer={"max_steps": steps, "max_epochs": 1, "test_after_fit": False},
     )  # fmt: skip
     torchrun(2, ["--config", str(cfg), "--init-from", str(init_dir)])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["plan"][0]["sharding_type"] == "row_wise" and summary["global_step"] == steps
-    sharded = plain_model(world, tmp_path / "run" / "checkpoints" / "final.ckpt").state_dict()
-    init = plain_model(world, init_dir).state_dict()
+    sharded = plain_model(world, tmp_path / "run" / "checkpoints" / "final.ckpt", **block).state_dict()
+    init = plain_model(world, init_dir, **block).state_dict()
     table = "items.embeddings.item.weight"
     assert (reference[table] - init[table]).abs().max() > 1e-3, "reference did not train the item table"
     # Tolerance: 1e-5 plus 0.1% of how far training moved the tensor. The two runs sum the same
