@@ -1,7 +1,7 @@
 """SASRec on the paper's Amazon Video Games file: full-softmax cross-entropy, then the paper's BCE.
 
     python benchmarks/sasrec.py [--ce-minutes 45] [--bce-minutes 45] [--chunk-epochs 3] [--ranks 2]
-                                [--losses ce,bce] [--out benchmarks/results/sasrec.json]
+                                [--losses ce,bce] [--out benchmarks/results/sasrec.json] [--set KEY=VALUE ...]
 
 Trains ``configs/sasrec_video.yaml`` (d=50, 2 blocks, 1 head, max length 50, dropout 0.5, batch 128,
 lr 1e-3, item table row-wise sharded) through the real entry point on ``--ranks`` CPU ranks, with
@@ -97,18 +97,19 @@ def load_average() -> float:
 
 
 def test_checkpoint(common: dict[str, Any], run_dir: Path, out_dir: Path, log: Path, ranks: int, *,
-                    full: bool) -> tuple[dict[str, float], float]:  # fmt: skip
+                    full: bool, extra: list[str]) -> tuple[dict[str, float], float]:  # fmt: skip
     """Test metrics of ``run_dir``'s final checkpoint (protocol 1; protocol 2 too when ``full``)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     overrides = sets({**common, "run_dir": str(out_dir), "model.test_full_ranking": full})
-    wall = torchrun([*overrides, "--evaluate", str(run_dir / "checkpoints" / "final.ckpt")], log, ranks)
+    checkpoint = run_dir / "checkpoints" / "final.ckpt"
+    wall = torchrun([*overrides, *extra, "--evaluate", str(checkpoint)], log, ranks)
     metrics = json.loads((out_dir / "evaluation.json").read_text())["metrics"]
     return {k.removeprefix("test/"): round(v, 4) for k, v in sorted(metrics.items())}, wall
 
 
-def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path, ranks: int
-               ) -> dict[str, Any]:  # fmt: skip
+def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path, ranks: int,
+               extra: list[str]) -> dict[str, Any]:  # fmt: skip
     run_dir = work / f"sasrec-video-{loss}"
     log = work / f"{loss}.log"
     if run_dir.exists():
@@ -122,7 +123,8 @@ def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path,
     while train_wall < minutes * 60:
         epochs += chunk
         load_before = load_average()
-        wall = torchrun([*sets({**common, "trainer.max_epochs": epochs}), "--resume", "auto"], log, ranks)
+        wall = torchrun([*sets({**common, "trainer.max_epochs": epochs}), *extra, "--resume", "auto"], log,
+                        ranks)  # fmt: skip
         load_after = load_average()
         summary = json.loads((run_dir / "summary.json").read_text())
         train_wall += wall
@@ -130,7 +132,7 @@ def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path,
         train_samples += steps * 128
         train_seconds += summary["fit_seconds"]
         check_dir = work / f"sasrec-video-{loss}-check"
-        test, test_wall = test_checkpoint(common, run_dir, check_dir, log, ranks, full=False)
+        test, test_wall = test_checkpoint(common, run_dir, check_dir, log, ranks, full=False, extra=extra)
         eval_wall += test_wall
         chunks.append({"epochs": epochs, "steps": steps, "wall_s": round(wall, 1),
                        "fit_s": summary["fit_seconds"], "samples_per_sec": summary["samples_per_sec"],
@@ -159,7 +161,7 @@ def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path,
         done = c["epochs"]
     first_val = next((r for r in curve if reached(r, "val/")), None)
     test_dir = work / f"sasrec-video-{loss}-test"
-    test, test_wall = test_checkpoint(common, run_dir, test_dir, log, ranks, full=True)
+    test, test_wall = test_checkpoint(common, run_dir, test_dir, log, ranks, full=True, extra=extra)
     return {
         "loss": loss,
         "epochs": epochs,
@@ -208,6 +210,9 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=2, help="CPU processes (the item table is row-wise on them)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-sasrec")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sasrec.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for training and testing, repeatable "
+                   "(e.g. --set model.block=paper --set model.init=xavier)")  # fmt: skip
     args = p.parse_args()
     if not VIDEO.is_file():
         print(f"skipped: {VIDEO} not found", file=sys.stderr)
@@ -235,7 +240,7 @@ def main() -> int:
                      "budget_minutes": {k: budgets[k] for k in losses}, "chunk_epochs": args.chunk_epochs,
                      "validation": "protocol 1 (100 sampled negatives) every epoch",
                      "stopping": "test protocol 1 after each chunk reaches the paper, or the budget is spent",
-                     "test": "the last checkpoint, both protocols"},
+                     "test": "the last checkpoint, both protocols", "overrides": args.set},
         "paper": {"sampled_ndcg@10": PAPER["sampled_ndcg@10"], "sampled_hr@10": PAPER["sampled_hr@10"]},
         "popularity": popularity(dataset),
         "runs": {},
@@ -245,8 +250,9 @@ def main() -> int:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for loss in losses:
+        extra = [a for kv in args.set for a in ("--set", kv)]
         results["runs"][loss] = train_loss(loss, budgets[loss], args.chunk_epochs, args.work_dir, dataset,
-                                           args.ranks)  # fmt: skip
+                                           args.ranks, extra)  # fmt: skip
         results["total_wall_s"] = round(time.perf_counter() - started, 1)
         args.out.write_text(json.dumps(results, indent=2))  # after each loss: a long run keeps what it has
     print(format_table(results))
