@@ -58,6 +58,13 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   the user has not trained on 0.2330 at epoch 3 (stopped), without logQ on the neighbours 0.2356 at
   epoch 4 (stopped); K 3, lambda 2: 0.2434 at 8 (NDCG@20 0.1954). Worse in proportion to lambda at
   every epoch, level at best: removed. Fit 480-531 s against 435 s for the reference (1 rank, 8 epochs).
+  Round 4 (`benchmarks/mf_ccl.py`, plain PyTorch MF on the same carve, our metrics): SimpleX's loss
+  (CCL) with its published settings (margin 0.9, negative weight 150, 1,000 negatives per positive)
+  collapses in plain MF too (0.025 after 2 epochs, 0.093 at best: below popularity's 0.108), so the
+  round-2 collapse was the recipe, not our CCL code. Tuned: margin 0.6, weight 10, lr 5e-3 with an
+  8-epoch cosine decay: validation 0.2226 (128-d 0.2257), test 0.2383 / NDCG@20 0.2143; negatives
+  per positive or shared by the batch level (0.2226 / 0.2220); the same MF with full softmax 0.2167.
+  Below the two-tower's 0.2434 / 0.2629: the loss does not close the gap to UltraGCN, not ported.
 * ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
   ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
 * Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
