@@ -347,7 +347,11 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            gc_states = await state.compute.gc_states()
+        except ComputeDied:  # died since the check: this process's figures only
+            gc_states = None
+        return PlainTextResponse(state.metrics.render(gc_states), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/reload", summary="Verify and atomically swap in another bundle")
     async def reload(body: ReloadBody) -> Any:

@@ -42,6 +42,7 @@ from typing import Any
 from serving.batching import BatchConfig, Batcher
 from serving.bundle import BundleError
 from serving.funnel import Funnel, FunnelConfig, RecommendRequest, RequestError
+from serving.metrics import GcState, gc_state
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class LocalCompute:
     async def similar(self, item_id: str, k: int) -> dict[str, Any]:
         funnel = self.funnel
         return await asyncio.wrap_future(self.batcher.call(lambda: similar(funnel, item_id, k)))
+
+    async def gc_states(self) -> dict[str, GcState]:
+        return {"http": gc_state()}
 
     async def reload(self, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
         """Load, verify and swap in the bundle at ``path``: (its info, whether the old one was freed)."""
@@ -289,6 +293,13 @@ class ComputeProcess:
     async def similar(self, item_id: str, k: int) -> dict[str, Any]:
         return await self._ask("similar", item_id, k)
 
+    async def gc_states(self) -> dict[str, GcState]:
+        """The collector figures of both processes (the compute one's stalls are the requests')."""
+        states = {"http": gc_state()}
+        if self.alive:
+            states["compute"] = await self._ask("gc")
+        return states
+
     async def reload(self, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
         self._info, released = await self._ask("reload", path)
         return self._info, released
@@ -354,6 +365,9 @@ class _Child:
                 # bound in the lambda, not in a local of this loop: that would keep a bundle retired
                 # by a later reload alive
                 future = self.batcher.call(lambda f=self.funnel, i=message[2], n=message[3]: similar(f, i, n))
+            elif kind == "gc":
+                self.send((request_id, "ok", gc_state()))
+                continue
             elif kind == "reload":
                 threading.Thread(target=self._reload, args=(request_id, message[2]), daemon=True).start()
                 continue

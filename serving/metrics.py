@@ -6,10 +6,12 @@ all the server needs, and the text format (``# HELP`` / ``# TYPE`` / samples) is
 
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 # seconds; dense where the funnel's latencies live (sub-millisecond stages to a 150 ms budget)
@@ -72,6 +74,19 @@ if GC_PAUSES not in gc.callbacks:
     gc.callbacks.append(GC_PAUSES)
 
 
+@dataclass
+class GcState:
+    """One process's collector figures: pauses by generation and the frozen object count."""
+
+    pauses: dict[int, Histogram]
+    frozen: int
+
+
+def gc_state() -> GcState:
+    """This process's :class:`GcState` (a copy: the compute process sends it to the HTTP process)."""
+    return GcState(pauses=copy.deepcopy(GC_PAUSES.pauses), frozen=gc.get_freeze_count())
+
+
 class Metrics:
     """Thread-safe counters and histograms keyed by label tuples."""
 
@@ -110,7 +125,9 @@ class Metrics:
         with self._lock:
             self.bundle = {"version": version, "path": path}
 
-    def render(self) -> str:
+    def render(self, processes: dict[str, GcState] | None = None) -> str:
+        """The exposition text; the collector series per process (default: this one, as ``http``)."""
+        processes = processes or {"http": gc_state()}
         lines: list[str] = []
         with self._lock:
             lines += [
@@ -147,13 +164,21 @@ class Metrics:
             self._histogram(
                 lines,
                 "funnel_gc_pause_seconds",
-                "Passes of Python's cyclic garbage collector by generation (each stalls every request).",
-                {(("generation", str(g)),): h for g, h in GC_PAUSES.pauses.items()},
+                "Passes of Python's cyclic garbage collector by generation and process (http; compute: the "
+                "compute process, when the models run in one); each stalls every request of its process.",
+                {
+                    (("generation", str(g)), ("process", name)): h
+                    for name, state in processes.items()
+                    for g, h in state.pauses.items()
+                },
             )
             lines += [
                 "# HELP funnel_gc_frozen_objects Objects the garbage collector skips (frozen after loading).",
                 "# TYPE funnel_gc_frozen_objects gauge",
-                f"funnel_gc_frozen_objects {gc.get_freeze_count()}",
+                *(
+                    f"funnel_gc_frozen_objects{_labels((('process', name),))} {state.frozen}"
+                    for name, state in sorted(processes.items())
+                ),
             ]
             if self.bundle:
                 lines += [
