@@ -92,7 +92,8 @@ def serve(args: argparse.Namespace) -> int:
     from serving.funnel import Funnel, FunnelConfig
 
     # the compute thread sets both again for itself (OpenMP settings are per thread); these cover the
-    # smoke-test requests of loading and reloading
+    # smoke-test requests of loading and reloading in this process (--compute thread; the compute
+    # process sets its own)
     torch.set_num_threads(args.torch_threads)
     faiss.omp_set_num_threads(args.torch_threads)
     batching = BatchConfig(

@@ -138,7 +138,7 @@ class Batcher:
                 return
             held, last_batch = self._handle(item, last_batch, wait)
             # kept, the last request would hold its bundle alive while the queue is empty, and a
-            # bundle retired by a reload must be collectable at once (serving.compute.release_and_freeze)
+            # bundle retired by a reload must be collectable at once (serving.compute.swap_bundle)
             item = None
 
     def _handle(self, item: Any, last_batch: int, wait: float) -> tuple[Any, int]:

@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from serving.batching import BatchConfig, Batcher
 from serving.bundle import BundleError
@@ -95,15 +95,27 @@ def similar(funnel: Funnel, item_id: str, k: int) -> dict[str, Any]:
     return funnel.similar(key, k)
 
 
-def retire(retired: weakref.ref[Funnel], version: str) -> bool:
-    """Collect the bundle a reload replaced, then freeze the heap again (:func:`release_and_freeze`).
+class Serves(Protocol):
+    funnel: Funnel
 
-    The caller must hold no reference to it (hence the weak one). False: it is still alive.
+
+def swap_bundle(owner: Serves, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
+    """A reload: load and verify the bundle at ``path`` (BundleError: refused, ``owner`` untouched),
+    make it ``owner.funnel``, collect the one it replaced and freeze the heap again.
+
+    Returns the new bundle's info and whether the old one was collected (False: requests still held
+    it; the heap stays unfrozen and it is freed later). Blocking: run it off the event loop. Only a
+    weak reference to the old bundle is kept here, or it could never be collected.
     """
+    new = Funnel.load(path, config)
+    retired, version = weakref.ref(owner.funnel), owner.funnel.version
+    owner.funnel = new
+    info = new.info
+    del new
     released = release_and_freeze(retired)
     if not released:
         log.warning("bundle %s still in use after the reload: heap left unfrozen", version)
-    return released
+    return info, released
 
 
 # -- in the HTTP process ------------------------------------------------------------------------------
@@ -140,12 +152,7 @@ class LocalCompute:
         return {"http": gc_state()}
 
     async def reload(self, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
-        """Load, verify and swap in the bundle at ``path``: (its info, whether the old one was freed)."""
-        new = await asyncio.to_thread(Funnel.load, path, config)
-        retired, version = weakref.ref(self.funnel), self.funnel.version
-        self.funnel = new
-        released = await asyncio.to_thread(retire, retired, version)
-        return new.info, released
+        return await asyncio.to_thread(swap_bundle, self, path, config)
 
 
 # -- the compute process, seen from the HTTP process ----------------------------------------------------
@@ -338,17 +345,9 @@ class _Child:
     def _reload(self, request_id: int, path: str) -> None:
         # one at a time: the HTTP process sends the next reload only after this one's answer
         try:
-            new = Funnel.load(path, self.config)
+            self.send((request_id, "ok", swap_bundle(self, path, self.config)))
         except BundleError as e:
             self.send((request_id, "refused", str(e)))
-            return
-        retired, version = weakref.ref(self.funnel), self.funnel.version
-        self.funnel = new
-        info = new.info
-        del new
-        # answered once the old bundle is collected and the heap frozen again, as in-process
-        released = retire(retired, version)
-        self.send((request_id, "ok", (info, released)))
 
     def serve(self) -> None:
         self.batcher.start()
