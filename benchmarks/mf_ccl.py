@@ -83,33 +83,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from two_tower import evaluate_scores  # noqa: E402
+
 from data.retrieval import RetrievalDataModule  # noqa: E402
 from data.shards import SPLIT_CODES  # noqa: E402
-from trainer.topk_metrics import TopKAccumulator, mask_scores, metric_names, topk_metrics_from_scores  # noqa: E402
 
 NEG_MODES = ("per-positive", "shared", "all")
 KS = (10, 20, 50)
-
-
-def evaluate(dm: RetrievalDataModule, stage: str, score: Any, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Full-ranking metrics of ``score(users) -> [U, items + 1]`` on ``stage`` (``val`` or ``test``).
-
-    ``benchmarks/two_tower.py``'s ``evaluate_scores`` with the stage as a parameter (that one is
-    fixed to test): visible items and the padding column are excluded from the ranking.
-    """
-    ev = dm.eval_users(stage)
-    if ev is None:
-        raise ValueError(f"--stage {stage}: the dataset has no {stage} users")
-    width = dm.schema.num_items + 1
-    acc = TopKAccumulator(metric_names(ks))
-    for lo in range(0, len(ev.users), 1024):
-        batch = dm.user_batch(stage, np.arange(lo, min(lo + 1024, len(ev.users))))
-        seen = batch.seen_mask(width)
-        seen[:, 0] = True
-        acc.update(
-            topk_metrics_from_scores(mask_scores(score(batch.user), seen), batch.target_mask(width), ks)
-        )
-    return acc.compute()
 
 
 def negative_scores(scores: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
@@ -238,7 +218,7 @@ def train_mf_ccl(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
         train_s = time.perf_counter() - t0
         with torch.no_grad():
-            m = evaluate(dm, args.stage, score)
+            m = evaluate_scores(dm, score, KS, args.stage)
         row = {
             "epoch": epoch,
             "loss": round(total / len(train), 5),

@@ -205,15 +205,17 @@ def ml1m(dataset: Path, work: Path, epochs: int, ablation_epochs: int, variants:
 
 # -- ML-100K -------------------------------------------------------------------------------------
 def evaluate_scores(
-    dm: RetrievalDataModule, score: Any, ks: tuple[int, ...] = (10, 20, 50)
+    dm: RetrievalDataModule, score: Any, ks: tuple[int, ...] = (10, 20, 50), stage: str = "test"
 ) -> dict[str, float]:
-    """Full-ranking test metrics of ``score(users) -> [U, items + 1]`` under the two-tower protocol."""
-    ev = dm.eval_users("test")
-    assert ev is not None
+    """Full-ranking metrics of ``score(users) -> [U, items + 1]`` on ``stage`` (``val`` or ``test``)
+    under the two-tower protocol: visible items and the padding column are excluded from the ranking."""
+    ev = dm.eval_users(stage)
+    if ev is None:
+        raise ValueError(f"{dm.path}: the dataset has no {stage} users")
     width = dm.schema.num_items + 1
     acc = TopKAccumulator(metric_names(ks))
     for lo in range(0, len(ev.users), 1024):
-        batch = dm.user_batch("test", np.arange(lo, min(lo + 1024, len(ev.users))))
+        batch = dm.user_batch(stage, np.arange(lo, min(lo + 1024, len(ev.users))))
         seen = batch.seen_mask(width)
         seen[:, 0] = True
         scores = score(batch.user)
