@@ -2,7 +2,7 @@
 
     python benchmarks/sasrec_reference.py --table-optimizer adam|adagrad [--init ours|xavier]
         [--epochs 200] [--minutes 30] [--val-every 5] [--test-every 10] [--stop-at-paper]
-        [--tag NAME] [--work-dir /work/runs_s5] [--out benchmarks/results/sasrec_reference.json]
+        [--tag NAME] [--work-dir runs/bench-sasrec-reference] [--out benchmarks/results/sasrec_reference.json]
 
 One process, no TorchRec modules, no Lightning trainer: it exists to vary the item table's optimizer
 (the paper's Adam, betas (0.9, 0.98), dense as in TF1, vs the fused Adagrad lr 0.05 that our CPU
@@ -51,7 +51,7 @@ from data.loaders import GlobalBatches  # noqa: E402
 from data.sequential import NegativeSampling, SequenceBatch, SequenceSplits  # noqa: E402
 from data.shards import PreparedDataset  # noqa: E402
 from models.sasrec import PAD, SASRecConfig, SASRecEncoder  # noqa: E402
-from trainer.sequential import SequentialModule, SequentialTaskConfig  # noqa: E402
+from trainer.sequential import SequentialModule, SequentialTaskConfig, sampled_scores  # noqa: E402
 from trainer.topk_metrics import TopKAccumulator, metric_names, single_target_metrics  # noqa: E402
 
 VIDEO = REPO.parent / "shared" / "data" / "sasrec_video" / "Video.txt"
@@ -110,15 +110,12 @@ def make_optimizers(model: ReferenceSASRec, args: argparse.Namespace) -> list[to
 
 @torch.no_grad()
 def evaluate(model: ReferenceSASRec, batches: list[SequenceBatch]) -> dict[str, float]:
-    """Protocol 1, as ``SequentialModule._eval_step`` computes it (sampled part)."""
+    """Protocol 1, scored as ``SequentialModule._eval_step`` scores it (``sampled_scores``)."""
     model.eval()
     acc = TopKAccumulator(metric_names(KS, ("hr", "ndcg")))
     for batch in batches:
-        b, c = batch.negatives.shape
         hidden, out = model(batch.inputs, torch.cat([batch.targets, batch.negatives.reshape(-1)]))
-        query = hidden[:, -1].float()  # left padding: the last column is the most recent item
-        target_scores = (query * out[:b]).sum(dim=1)
-        negative_scores = torch.bmm(out[b:].view(b, c, -1), query[:, :, None])[:, :, 0]
+        _, target_scores, negative_scores = sampled_scores(hidden, out, batch.negatives.shape[1])
         acc.update(single_target_metrics(target_scores, negative_scores, KS))
     model.train()
     values = acc.compute()
@@ -282,7 +279,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default=None, help="key under runs in --out (default: table-init)")
-    p.add_argument("--work-dir", type=Path, default=Path("/work/runs_s5"))
+    p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-sasrec-reference")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sasrec_reference.json")
     args = p.parse_args()
     for name in ("epochs", "val_every", "test_every", "threads"):

@@ -56,11 +56,16 @@ def table_width(embedding_dim: int) -> int:
     return -(-embedding_dim // 4) * 4
 
 
+def item_init_bound(num_items: int, init_scale: float | None) -> float:
+    """The item table's U(-s, s) init bound: ``init_scale``, or by default sqrt(1 / num_items)."""
+    return init_scale if init_scale is not None else math.sqrt(1.0 / num_items)
+
+
 def item_collection(
     num_items: int, embedding_dim: int, init_scale: float | None, device: torch.device | None
 ) -> EmbeddingCollection:
     """The item table with its two features (history and output ids); ``num_items`` counts row 0."""
-    scale = init_scale if init_scale is not None else math.sqrt(1.0 / num_items)
+    scale = item_init_bound(num_items, init_scale)
     table = EmbeddingConfig(
         name=ITEM_TABLE,
         embedding_dim=table_width(embedding_dim),
@@ -318,7 +323,7 @@ class SASRecConfig:
         """Bound ``s`` of the item table's U(-s, s) init (Glorot's for ``init: xavier``, row 0 counted)."""
         if self.init == "xavier":
             return math.sqrt(6.0 / (self.num_items + self.embedding_dim))
-        return self.init_scale if self.init_scale is not None else math.sqrt(1.0 / self.num_items)
+        return item_init_bound(self.num_items, self.init_scale)
 
 
 class SASRecEncoder(nn.Module):

@@ -226,6 +226,23 @@ def distributed_logsumexp(queries: torch.Tensor, candidates: torch.Tensor) -> to
     return lse[start : start + sizes[rank]]
 
 
+def sampled_scores(
+    hidden: torch.Tensor, out: torch.Tensor, num_negatives: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Protocol 1 (the paper's): each user's true next item against its ``num_negatives`` samples.
+
+    ``hidden [B, L, d]`` and ``out`` are the model's outputs for ``out_ids = [targets (B),
+    negatives.flatten() (B * C), ...]``. Returns the queries ``[B, d]`` (the last position: left
+    padding puts the most recent item there), the targets' scores ``[B]`` and the negatives' ``[B, C]``.
+    """
+    b, c = hidden.shape[0], num_negatives
+    query = hidden[:, -1].float()
+    candidates = out[: b + b * c].float()
+    target = (query * candidates[:b]).sum(dim=1)
+    negative = torch.bmm(candidates[b:].view(b, c, -1), query[:, :, None])[:, :, 0]
+    return query, target, negative
+
+
 @torch.no_grad()
 def full_scores(queries: torch.Tensor, candidates: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Scores ``[n_r, sum(counts)]`` of this rank's queries against the candidates of all ranks.
@@ -394,16 +411,13 @@ class SequentialModule(ShardedModule):
         local = self._local_candidates(batch.targets.device)[: None if full else 0]
         out_ids = torch.cat([batch.targets, batch.negatives.reshape(-1), local])
         hidden, out = self(batch.inputs, out_ids)
-        query = hidden[:, -1].float()  # left padding: the last column is the most recent item
-        out = out.float()
-        target_scores = (query * out[:b]).sum(dim=1)
-        negative_scores = torch.bmm(out[b : b + b * c].view(b, c, -1), query[:, :, None])[:, :, 0]
+        query, target_scores, negative_scores = sampled_scores(hidden, out, c)
         sampled = single_target_metrics(target_scores, negative_scores, tuple(self.task.sampled_ks))
         self._acc[(split, "sampled")].update(sampled)
         if not full:
             return
         counts = [hi - lo for lo, hi in self._ranges]
-        scores = full_scores(query, out[b + b * c :], counts)  # column j = item j + 1
+        scores = full_scores(query, out[b + b * c :].float(), counts)  # column j = item j + 1
         hits = F.one_hot(batch.targets - 1, self.num_items - 1).bool()
         self._acc[(split, "full")].update(topk_metrics_from_scores(scores, hits, tuple(self.task.ks)))
 
