@@ -33,7 +33,14 @@ class DenseOptimizerConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw; the SASRec paper's code uses (0.9, 0.98)
     warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
 
 
 LR_DECAYS = ("constant", "cosine")

@@ -93,10 +93,12 @@ class ShardedModule(pl.LightningModule):
         params = [p for _, p in self.dense_named_parameters()]
         if cfg.name == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay
+                params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
             )
         elif cfg.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(
+                params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            )
         elif cfg.name == "adagrad":
             opt = torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
         elif cfg.name == "sgd":

@@ -7,13 +7,16 @@ it, so a plan printed by a dry run is the plan a real run of the same shape gets
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -21,6 +24,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, PlannerErro
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,51 @@ def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder[n
         EmbeddingBagCollectionSharderCPURowWise(fused_params=fused_params),
         EmbeddingCollectionSharder(fused_params=fused_params),
     ]
+
+
+def _dense_unpooled_kernels(module: nn.Module) -> Iterator[BatchedDenseEmbedding]:
+    # the sharded collections keep their lookups in plain lists (a data-parallel one wrapped in DDP),
+    # out of reach of ``module.modules()``
+    seen: set[int] = set()
+    for m in module.modules():
+        lookups = getattr(m, "_lookups", None)
+        for lookup in lookups if isinstance(lookups, list | nn.ModuleList) else []:
+            for kernel in lookup.modules():
+                if isinstance(kernel, BatchedDenseEmbedding) and id(kernel) not in seen:
+                    seen.add(id(kernel))
+                    yield kernel
+
+
+def _unpooled_lookup(self: BatchedDenseEmbedding, features: KeyedJaggedTensor) -> torch.Tensor:
+    emb = self.emb_module
+    dims = {dim for _, dim in emb.embedding_specs}
+    if len(dims) != 1:
+        raise ValueError(f"unpooled tables of one lookup group differ in width: {sorted(dims)}")
+    (dim,) = dims
+    first_row = torch.tensor([offset // dim for offset in emb.weights_physical_offsets], dtype=torch.long)
+    table_of_feature = torch.tensor(self._feature_table_map, dtype=torch.long)
+    lengths = torch.tensor(features.length_per_key(), dtype=torch.long)
+    rows = features.values().long() + torch.repeat_interleave(first_row[table_of_feature], lengths)
+    return F.embedding(rows, emb.weights.view(-1, dim))
+
+
+def exact_cpu_unpooled_lookups(module: nn.Module) -> int:
+    """Make the CPU ``dense``-kernel lookups of sharded ``EmbeddingCollection``s return one row per id.
+
+    FBGEMM's CPU dense lookup (``DenseTableBatchedEmbeddingBagsCodegen``, TorchRec's kernel for
+    data-parallel tables) pools each bag even when built with ``PoolingMode.NONE``, so an unpooled
+    collection's lookup returns one row per sequence and the output split fails. This replaces the
+    forward of each such kernel on CPU with an ``F.embedding`` over the same flat weights: one row per
+    id, the same layout, gradients into the same parameter (which the dense optimizer updates). It is
+    what lets a data-parallel item table train with the dense optimizer (e.g. the paper's Adam) on
+    CPU. Returns the number of kernels changed; CUDA kernels are left alone.
+    """
+    changed = 0
+    for kernel in _dense_unpooled_kernels(module):
+        if kernel.emb_module.weights.device.type == "cpu":
+            kernel.forward = MethodType(_unpooled_lookup, kernel)  # type: ignore[method-assign]
+            changed += 1
+    return changed
 
 
 EMBEDDING_PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}

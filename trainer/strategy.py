@@ -47,6 +47,7 @@ from trainer.sharding import (
     ConfigError,
     ShardingConfig,
     describe_plan,
+    exact_cpu_unpooled_lookups,
     format_plan,
     plan_sharding,
     sharders,
@@ -89,7 +90,9 @@ class SparseOptimizerConfig:
         if self.name == "adam" and device_type == "cpu":
             raise ConfigError(
                 "sparse_optimizer.name adam: FBGEMM's CPU kernels have no fused Adam; on CPU use sgd, "
-                "adagrad or rowwise_adagrad (adam works on CUDA)"
+                "adagrad or rowwise_adagrad (adam works on CUDA), or make the table data-parallel "
+                "(sharding.tables.NAME.sharding_types: [data_parallel]): the dense optimizer, which can "
+                "be Adam, then trains it"
             )
         if self.weight_decay and (device_type == "cpu" or self.name != "rowwise_adagrad"):
             # measured on fbgemm-gpu-cpu 1.9.0: every CPU optimizer updates the rows exactly as with
@@ -255,13 +258,15 @@ class TorchRecStrategy(ParallelStrategy):
         self.plans[name] = plan
         if self.is_global_zero:
             log.info("sharding plan for %s:\n%s", name, format_plan(describe_plan(plan)))
-        return DistributedModelParallel(
+        dmp = DistributedModelParallel(
             module,
             env=ShardingEnv.from_process_group(pg),
             device=self.root_device,
             plan=plan,
             sharders=sharders(self.sparse_optimizer.fused_params()),
         )
+        exact_cpu_unpooled_lookups(dmp)
+        return dmp
 
     def sharded_modules(self) -> Iterator[tuple[str, DistributedModelParallel]]:
         assert self.lightning_module is not None
