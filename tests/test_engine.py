@@ -281,3 +281,69 @@ def test_fp16_embedding_tables_train_and_load_unsharded(world: Path, tmp_path: P
     assert summary["metrics"]["test/auc"] > 0.55
     weights = final_weights(tmp_path / "run", world)
     assert weights["sparse_arch.embedding_bags.user.weight"].abs().sum() > 0
+
+
+def test_data_parallel_sequence_tables_look_up_one_row_per_id_on_cpu() -> None:
+    """A data-parallel ``EmbeddingCollection`` on CPU (the dense kernel, trained by the dense optimizer):
+    FBGEMM's CPU dense lookup pools every bag, so without :func:`exact_cpu_unpooled_lookups` the
+    lookup fails; with it, each id gets its own table row and the gradients land on those rows,
+    for two tables and three features (two of them on one table) in one lookup group."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingEnv
+
+    from trainer.sharding import exact_cpu_unpooled_lookups, sharders
+
+    tables = [EmbeddingConfig(name="item", num_embeddings=11, embedding_dim=4, feature_names=["seq", "out"]),
+              EmbeddingConfig(name="tag", num_embeddings=7, embedding_dim=4, feature_names=["tag"])]  # fmt: skip
+    kjt = KeyedJaggedTensor(
+        keys=["seq", "out", "tag"],
+        values=torch.tensor([1, 2, 10, 3, 3, 5, 6]),
+        lengths=torch.tensor([2, 1, 1, 2, 0, 1]),  # a batch of 2 per feature, an empty bag, a repeated id
+    )
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+
+    def build() -> DistributedModelParallel:
+        torch.manual_seed(0)
+        ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
+        dp = ParameterConstraints(sharding_types=["data_parallel"])
+        planner = EmbeddingShardingPlanner(Topology(world_size=1, compute_device="cpu"),
+                                           constraints={"item": dp, "tag": dp})  # fmt: skip
+        plan = planner.collective_plan(ec, sharders(), dist.group.WORLD)
+        assert {p.sharding_type for p in plan.plan[""].values()} == {"data_parallel"}  # type: ignore[union-attr]
+        return DistributedModelParallel(ec, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                        device=torch.device("cpu"), plan=plan, sharders=sharders())  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+        try:
+            stock = build()
+            with pytest.raises(RuntimeError):
+                stock(kjt).wait()["seq"].values()  # FBGEMM pooled: one row per bag, not per id
+            dmp = build()
+            assert exact_cpu_unpooled_lookups(dmp) == 1
+            out = dmp(kjt).wait()
+            weights = {n.split(".")[1]: p for n, p in dmp.module.named_parameters()}
+            plain = {name: w.detach().clone().requires_grad_() for name, w in weights.items()}
+            loss = torch.zeros(())
+            expected_loss = torch.zeros(())
+            for feature, table in (("seq", "item"), ("out", "item"), ("tag", "tag")):
+                ids = kjt[feature].values()
+                got = out[feature].values()
+                assert torch.equal(got, weights[table][ids].detach()), feature
+                scale = torch.arange(1.0, got.shape[0] * 4 + 1).view(-1, 4)
+                loss = loss + (got * scale).sum()
+                expected_loss = expected_loss + (plain[table][ids] * scale).sum()
+            loss.backward()
+            expected_loss.backward()
+            for name, w in weights.items():
+                assert w.grad is not None and w.grad.abs().sum() > 0, name
+                torch.testing.assert_close(w.grad, plain[name].grad, rtol=0, atol=0)
+        finally:
+            dist.destroy_process_group()
