@@ -124,6 +124,14 @@ def test_pipeline_on_and_off_survive_yaml_booleans(tmp_path: Path) -> None:
     assert load_config(path).trainer.pipeline == "on"
 
 
+def test_dense_optimizer_betas_reach_adam_and_are_checked() -> None:
+    assert load_config(None).optimizer.betas == (0.9, 0.999)
+    assert load_config(None, ["optimizer.betas=[0.9, 0.98]"]).optimizer.betas == (0.9, 0.98)
+    for bad in ("0.9", "[0.9]", "[0.9, 1.0]", "[0.9, true]", "[0.9, -0.1]", "half"):
+        with pytest.raises(ConfigError, match=r"optimizer.betas must be two numbers in \[0, 1\)"):
+            load_config(None, [f"optimizer.betas={bad}"])
+
+
 def test_lr_schedule_is_checked_and_names_the_field() -> None:
     from trainer.config import LrScheduleConfig
     from trainer.retrieval import build_two_tower

@@ -37,9 +37,13 @@ class DenseOptimizerConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
+        betas = self.betas
+        if (
+            not isinstance(betas, list | tuple)
+            or len(betas) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
 
 
