@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from data.sequential import NegativeSampling, SequenceSplits  # noqa: E402
 from data.shards import PreparedDataset  # noqa: E402
+from trainer.sharding import TableSharding  # noqa: E402
 
 CONFIG = REPO / "configs" / "sasrec_video.yaml"
 VIDEO = REPO.parent / "shared" / "data" / "sasrec_video" / "Video.txt"
@@ -180,6 +181,22 @@ def train_loss(loss: str, minutes: float, chunk: int, work: Path, dataset: Path,
     }
 
 
+def optimizers(overrides: list[str]) -> dict[str, str]:
+    """Which optimizer trains the dense layers and which the item table, as this run configures them."""
+    from trainer.config import load_config
+
+    cfg = load_config(CONFIG, overrides)
+    dense = f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g}"
+    if cfg.optimizer.name in ("adam", "adamw"):
+        dense += f" betas {list(cfg.optimizer.betas)}"
+    types = (cfg.sharding.tables.get("item") or TableSharding()).sharding_types or cfg.sharding.sharding_types
+    if types == ["data_parallel"]:
+        table = f"data_parallel: replicated, trained by the dense optimizer ({dense})"
+    else:
+        table = f"{'/'.join(types)}: fused {cfg.sparse_optimizer.name} lr {cfg.sparse_optimizer.lr:g}"
+    return {"dense_optimizer": dense, "item_table": table}
+
+
 def popularity(dataset: Path) -> dict[str, float]:
     """Both protocols for ranking by training popularity (the same candidates as the model's test)."""
     s = SequenceSplits(PreparedDataset(dataset), MAX_LEN, eval_negatives=100, negatives=NegativeSampling())
@@ -235,8 +252,7 @@ def main() -> int:
                     "interactions": ds.counts["interactions"]},
         "settings": {"config": str(CONFIG.relative_to(REPO)), "ranks": args.ranks, "device": "cpu",
                      "embedding_dim": 50, "num_blocks": 2, "num_heads": 1, "max_len": MAX_LEN, "dropout": 0.5,
-                     "batch_size": 128, "dense_optimizer": "adam lr 1e-3",
-                     "sparse_optimizer": "adagrad lr 0.05 (no Adam in FBGEMM's CPU kernels; the paper: Adam)",
+                     "batch_size": 128, **optimizers(args.set),
                      "budget_minutes": {k: budgets[k] for k in losses}, "chunk_epochs": args.chunk_epochs,
                      "validation": "protocol 1 (100 sampled negatives) every epoch",
                      "stopping": "test protocol 1 after each chunk reaches the paper, or the budget is spent",
