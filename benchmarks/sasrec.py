@@ -17,12 +17,14 @@ first reached the paper's numbers (chunk granularity; the per-epoch validation c
 validation did), the final test metrics of both protocols, next to the popularity baseline and the
 paper.
 
-The item table trains with fused Adagrad, the dense layers with Adam (the paper: Adam for both).
-FBGEMM's CPU kernels have no Adam (``Optimizer adam is not supported in CPU mode``), and the ways
-around it through TorchRec fail on CPU too: a ``data_parallel`` item table, and the ``dense`` compute
-kernel, run FBGEMM's ``DenseTableBatchedEmbeddingBagsCodegen``, which pools on CPU even with
-``PoolingMode.NONE`` (an unpooled ``EmbeddingCollection`` lookup gets one row per bag); the planner
-allows only the ``fused`` kernel for a row-wise table with an in-backward optimizer.
+Which optimizer trains the item table is the config's: the paper uses Adam for every parameter, and
+FBGEMM's CPU kernels have no fused Adam (``Optimizer adam is not supported in CPU mode``). A
+``data_parallel`` item table (``--set 'sharding.tables.item.sharding_types=[data_parallel]'``) is
+replicated on every rank and trained by the dense optimizer, so ``--set 'optimizer.betas=[0.9,0.98]'``
+makes it the paper's Adam (betas of its code); TorchRec runs such a table through FBGEMM's dense
+lookup, which pools even unpooled lookups on CPU, and :func:`trainer.sharding.exact_cpu_unpooled_lookups`
+replaces that lookup on CPU. A row-wise table trains with the fused in-backward optimizer
+(``sparse_optimizer``: Adagrad on CPU; Adam on CUDA). The JSON records which.
 
 Wall times are of this machine as it is: other jobs share its 2 cores, so they are pessimistic; the
 load average at each chunk is recorded. Nothing is extrapolated.
