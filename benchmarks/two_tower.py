@@ -65,6 +65,10 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   8-epoch cosine decay: validation 0.2226 (128-d 0.2257), test 0.2383 / NDCG@20 0.2143; negatives
   per positive or shared by the batch level (0.2226 / 0.2220); the same MF with full softmax 0.2167.
   Below the two-tower's 0.2434 / 0.2629: the loss does not close the gap to UltraGCN, not ported.
+  Round 5 (`benchmarks/item_item_ceiling.py`): the model family's ceiling. EASE, the best full-rank
+  linear item-item model (lambda 500 picked on the carve), gets validation 0.2498 / test 0.2759, below
+  UltraGCN's 0.2787; truncated to rank 128 (the two-tower's width) 0.2475 / 0.2721. The two-tower
+  (0.2434 / 0.2629) is 0.004 / 0.009 under the rank-128 optimum of its own family.
 * ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
   ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
 * Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
