@@ -38,11 +38,11 @@ class DenseOptimizerConfig:
 
     def __post_init__(self) -> None:
         betas = self.betas
-        if (
-            not isinstance(betas, list | tuple)
-            or len(betas) != 2
-            or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
-        ):
+
+        def is_beta(b: object) -> bool:
+            return isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0
+
+        if not isinstance(betas, list | tuple) or len(betas) != 2 or not all(is_beta(b) for b in betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
 

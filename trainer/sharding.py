@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fbgemm_gpu.split_embedding_configs import SparseType
 from torch import nn
 from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -122,7 +123,8 @@ def _unpooled_lookup(self: BatchedDenseEmbedding, features: KeyedJaggedTensor) -
     table_of_feature = torch.tensor(self._feature_table_map, dtype=torch.long)
     lengths = torch.tensor(features.length_per_key(), dtype=torch.long)
     rows = features.values().long() + torch.repeat_interleave(first_row[table_of_feature], lengths)
-    return F.embedding(rows, emb.weights.view(-1, dim))
+    # FBGEMM returns output_dtype (fp32 unless configured), whatever the tables are stored in
+    return F.embedding(rows, emb.weights.view(-1, dim)).to(SparseType.from_int(emb.output_dtype).as_dtype())
 
 
 def exact_cpu_unpooled_lookups(module: nn.Module) -> int:
