@@ -7,9 +7,8 @@ it, so a plan printed by a dry run is the plan a real run of the same shape gets
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import MethodType
 from typing import Any
 
 import torch
@@ -113,18 +112,25 @@ def _dense_unpooled_kernels(module: nn.Module) -> Iterator[BatchedDenseEmbedding
                     yield kernel
 
 
-def _unpooled_lookup(self: BatchedDenseEmbedding, features: KeyedJaggedTensor) -> torch.Tensor:
-    emb = self.emb_module
+def _unpooled_lookup(kernel: BatchedDenseEmbedding) -> Callable[[KeyedJaggedTensor], torch.Tensor]:
+    # the layout (each feature's first row in the flat weights, the width, the output dtype) is fixed
+    # for the kernel's life: worked out once here, not on every lookup
+    emb = kernel.emb_module
     dims = {dim for _, dim in emb.embedding_specs}
     if len(dims) != 1:
         raise ValueError(f"unpooled tables of one lookup group differ in width: {sorted(dims)}")
     (dim,) = dims
     first_row = torch.tensor([offset // dim for offset in emb.weights_physical_offsets], dtype=torch.long)
-    table_of_feature = torch.tensor(self._feature_table_map, dtype=torch.long)
-    lengths = torch.tensor(features.length_per_key(), dtype=torch.long)
-    rows = features.values().long() + torch.repeat_interleave(first_row[table_of_feature], lengths)
+    feature_first_row = first_row[torch.tensor(kernel._feature_table_map, dtype=torch.long)]
     # FBGEMM returns output_dtype (fp32 unless configured), whatever the tables are stored in
-    return F.embedding(rows, emb.weights.view(-1, dim)).to(SparseType.from_int(emb.output_dtype).as_dtype())
+    output_dtype = SparseType.from_int(emb.output_dtype).as_dtype()
+
+    def lookup(features: KeyedJaggedTensor) -> torch.Tensor:
+        lengths = torch.tensor(features.length_per_key(), dtype=torch.long)
+        rows = features.values().long() + torch.repeat_interleave(feature_first_row, lengths)
+        return F.embedding(rows, emb.weights.view(-1, dim)).to(output_dtype)
+
+    return lookup
 
 
 def exact_cpu_unpooled_lookups(module: nn.Module) -> int:
@@ -141,7 +147,7 @@ def exact_cpu_unpooled_lookups(module: nn.Module) -> int:
     changed = 0
     for kernel in _dense_unpooled_kernels(module):
         if kernel.emb_module.weights.device.type == "cpu":
-            kernel.forward = MethodType(_unpooled_lookup, kernel)  # type: ignore[method-assign]
+            kernel.forward = _unpooled_lookup(kernel)  # type: ignore[method-assign]
             changed += 1
     return changed
 
