@@ -4,18 +4,18 @@
                                 [--losses ce,bce] [--out benchmarks/results/sasrec.json] [--set KEY=VALUE ...]
 
 Trains ``configs/sasrec_video.yaml`` (d=50, 2 blocks, 1 head, max length 50, dropout 0.5, batch 128,
-lr 1e-3, item table row-wise sharded) through the real entry point on ``--ranks`` CPU ranks, with
-full-softmax cross-entropy (SASRec+; distributed log-sum-exp) and with the paper's BCE loss (one
-sampled negative per position). Training runs in chunks of ``--chunk-epochs`` epochs (``--resume
-auto``); validation after each epoch uses protocol 1 only (100 sampled negatives; cheap), and after
-each chunk its checkpoint is tested on protocol 1 (``--evaluate``, not part of the training wall
-time). A loss stops when that test reaches the paper's numbers (Table III: NDCG@10 0.5360, HR@10
-0.7410 with 100 sampled negatives) or its time budget is spent; its last checkpoint is then tested
-on both protocols. Reported per loss: epochs, training wall time, samples/s, the per-epoch
-validation curve, the test after each chunk, the epoch and training wall time at which the test
-first reached the paper's numbers (chunk granularity; the per-epoch validation curve says when
-validation did), the final test metrics of both protocols, next to the popularity baseline and the
-paper.
+lr 1e-3, the paper's block and init, the item table data-parallel on Adam) through the real entry
+point on ``--ranks`` CPU ranks, with full-softmax cross-entropy (SASRec+; distributed log-sum-exp)
+and with the paper's BCE loss (one sampled negative per position). Training runs in chunks of
+``--chunk-epochs`` epochs (``--resume auto``); validation after each epoch uses protocol 1 only (100
+sampled negatives; cheap), and after each chunk its checkpoint is tested on protocol 1
+(``--evaluate``, not part of the training wall time). A loss stops when that test reaches the
+paper's numbers (Table III: NDCG@10 0.5360, HR@10 0.7410 with 100 sampled negatives) or its time
+budget is spent; its last checkpoint is then tested on both protocols. Reported per loss: epochs,
+training wall time, samples/s, the per-epoch validation curve, the test after each chunk, the epoch
+and training wall time at which the test first reached the paper's numbers (chunk granularity; the
+per-epoch validation curve says when validation did), the final test metrics of both protocols, next
+to the popularity baseline and the paper.
 
 Which optimizer trains the item table is the config's: the paper uses Adam for every parameter, and
 FBGEMM's CPU kernels have no fused Adam (``Optimizer adam is not supported in CPU mode``). A
@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from data.sequential import NegativeSampling, SequenceSplits  # noqa: E402
 from data.shards import PreparedDataset  # noqa: E402
+from trainer.overrides import add_override_argument  # noqa: E402
 from trainer.sharding import TableSharding  # noqa: E402
 
 CONFIG = REPO / "configs" / "sasrec_video.yaml"
@@ -226,12 +227,10 @@ def main() -> int:
     p.add_argument("--bce-minutes", type=float, default=45.0, help="training wall-time budget of the BCE run")
     p.add_argument("--losses", default="ce,bce", help="comma-separated, in order: ce, bce")
     p.add_argument("--chunk-epochs", type=int, default=3, help="epochs per torchrun (resumed between chunks)")
-    p.add_argument("--ranks", type=int, default=2, help="CPU processes (the item table is row-wise on them)")
+    p.add_argument("--ranks", type=int, default=2, help="CPU processes")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench-sasrec")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sasrec.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for training and testing, repeatable "
-                   "(e.g. --set model.block=paper --set model.init=xavier)")  # fmt: skip
+    add_override_argument(p, "model.loss=ce")  # --set, for training and testing
     args = p.parse_args()
     if not VIDEO.is_file():
         print(f"skipped: {VIDEO} not found", file=sys.stderr)
@@ -254,11 +253,11 @@ def main() -> int:
                     "interactions": ds.counts["interactions"]},
         "settings": {"config": str(CONFIG.relative_to(REPO)), "ranks": args.ranks, "device": "cpu",
                      "embedding_dim": 50, "num_blocks": 2, "num_heads": 1, "max_len": MAX_LEN, "dropout": 0.5,
-                     "batch_size": 128, **optimizers(args.set),
+                     "batch_size": 128, **optimizers(args.overrides),
                      "budget_minutes": {k: budgets[k] for k in losses}, "chunk_epochs": args.chunk_epochs,
                      "validation": "protocol 1 (100 sampled negatives) every epoch",
                      "stopping": "test protocol 1 after each chunk reaches the paper, or the budget is spent",
-                     "test": "the last checkpoint, both protocols", "overrides": args.set},
+                     "test": "the last checkpoint, both protocols", "overrides": args.overrides},
         "paper": {"sampled_ndcg@10": PAPER["sampled_ndcg@10"], "sampled_hr@10": PAPER["sampled_hr@10"]},
         "popularity": popularity(dataset),
         "runs": {},
@@ -267,8 +266,8 @@ def main() -> int:
                     "note": "shared with other jobs; see each chunk's load_average (2 = both cores busy)"},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    extra = [a for kv in args.overrides for a in ("--set", kv)]
     for loss in losses:
-        extra = [a for kv in args.set for a in ("--set", kv)]
         results["runs"][loss] = train_loss(loss, budgets[loss], args.chunk_epochs, args.work_dir, dataset,
                                            args.ranks, extra)  # fmt: skip
         results["total_wall_s"] = round(time.perf_counter() - started, 1)
