@@ -63,16 +63,27 @@ def register(subparsers: Any) -> None:  # argparse's _SubParsersAction is privat
         help="where the models run: a compute process of their own (default; the HTTP event loop and "
         "the compute then each have a core and a GIL) or a thread of the HTTP process",
     )
+    p.add_argument(
+        "--compute-processes",
+        type=int,
+        default=1,
+        help="compute processes, each with the whole bundle in memory; a request goes to the least busy "
+        "(default 1; 2 served ~30%% more requests/s at 64 clients on the 2-core benchmark machine)",
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
-    for flag in ("port", "torch_threads", "max_batch", "max_body_bytes", "max_candidates", "per_source"):
+    counts = ("torch_threads", "max_batch", "max_body_bytes", "max_candidates", "per_source")
+    for flag in ("port", *counts, "compute_processes"):
         value = getattr(args, flag)
         if value < (0 if flag == "port" else 1) or (flag == "port" and value > 65535):
             print(f"error: --{flag.replace('_', '-')} {value} is out of range", file=sys.stderr)
             return 2
+    if args.compute == "thread" and args.compute_processes != 1:
+        print("error: --compute-processes needs --compute process", file=sys.stderr)
+        return 2
     if not 0 <= args.batch_wait_ms <= 1000:
         print(f"error: --batch-wait-ms {args.batch_wait_ms} is out of range [0, 1000]", file=sys.stderr)
         return 2
@@ -88,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
     from serving.app import create_app
     from serving.batching import BatchConfig
     from serving.bundle import BundleError
-    from serving.compute import ComputeProcess
+    from serving.compute import ComputeProcesses
     from serving.funnel import Funnel, FunnelConfig
 
     # the compute thread sets both again for itself (OpenMP settings are per thread); these cover the
@@ -100,19 +111,20 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.torch_threads
     )
     config = FunnelConfig(per_source=args.per_source, max_candidates=args.max_candidates)
-    compute: Funnel | ComputeProcess
+    compute: Funnel | ComputeProcesses
     try:
         if args.compute == "process":
-            compute = ComputeProcess.launch(args.bundle, config, batching)
+            compute = ComputeProcesses.launch(args.bundle, config, batching, args.compute_processes)
         else:
             compute = Funnel.load(args.bundle, config)
     except BundleError as e:
         print(f"error: bundle refused: {e}", file=sys.stderr)
         return 1
     info = compute.info
+    where = "thread" if args.compute == "thread" else f"process x{args.compute_processes}"
     print(
         f"funnel serve: bundle {info['version']} ({info['items']} items, ranking {info['ranking']}, "
-        f"retrieval {info['retrieval']}; compute {args.compute}) on http://{args.host}:{args.port}",
+        f"retrieval {info['retrieval']}; compute {where}) on http://{args.host}:{args.port}",
         flush=True,
     )
     uvicorn.run(

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batching import BatchConfig
 from serving.bundle import BundleError
-from serving.compute import ComputeDied, ComputeProcess, LocalCompute
+from serving.compute import ComputeDied, ComputeProcesses, LocalCompute
 from serving.funnel import STAGES, Funnel, FunnelConfig, RecommendRequest, RequestError
 from serving.metrics import Metrics
 
@@ -230,7 +230,7 @@ class RequestMetrics:
 class ServerState:
     """Where the answers are computed (its bundle swapped whole on reload) and what the endpoints share."""
 
-    def __init__(self, compute: LocalCompute | ComputeProcess, config: FunnelConfig) -> None:
+    def __init__(self, compute: LocalCompute | ComputeProcesses, config: FunnelConfig) -> None:
         self.compute = compute
         self.config = config
         self.metrics = Metrics()
@@ -239,7 +239,7 @@ class ServerState:
 
 
 def create_app(
-    compute: Funnel | LocalCompute | ComputeProcess,
+    compute: Funnel | LocalCompute | ComputeProcesses,
     config: FunnelConfig | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     batching: BatchConfig | None = None,
@@ -247,8 +247,8 @@ def create_app(
     """The ASGI application (wrapped in the body-limit and metrics middleware) answering from ``compute``.
 
     A :class:`Funnel` is served by a compute thread of this process (:class:`LocalCompute`), whose
-    batch size, batching window and torch/FAISS threads ``batching`` sets; a :class:`ComputeProcess`
-    was configured when it was launched. ``config`` is what a reloaded bundle is loaded with.
+    batch size, batching window and torch/FAISS threads ``batching`` sets; :class:`ComputeProcesses`
+    were configured when they were launched. ``config`` is what a reloaded bundle is loaded with.
     """
     if isinstance(compute, Funnel):
         config = config or compute.config

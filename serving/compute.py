@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from serving.batching import BatchConfig, Batcher
@@ -300,16 +300,127 @@ class ComputeProcess:
     async def similar(self, item_id: str, k: int) -> dict[str, Any]:
         return await self._ask("similar", item_id, k)
 
-    async def gc_states(self) -> dict[str, GcState]:
-        """The collector figures of both processes (the compute one's stalls are the requests')."""
-        states = {"http": gc_state()}
-        if self.alive:
-            states["compute"] = await self._ask("gc")
-        return states
+    @property
+    def in_flight(self) -> int:
+        """Messages sent and not yet answered."""
+        return len(self._pending)
+
+    async def gc_state(self) -> GcState:
+        """The child's collector figures (its stalls are the requests')."""
+        return await self._ask("gc")
 
     async def reload(self, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
         self._info, released = await self._ask("reload", path)
         return self._info, released
+
+
+class ComputeProcesses:
+    """``funnel serve``'s compute: one or more :class:`ComputeProcess`, each holding the whole bundle.
+
+    A request goes to the process with the fewest requests in flight (ties in turn), so each one
+    batches its share. Why more than one: a compute process runs its batches on one thread, and the
+    models release the GIL only op by op (a second thread in the same process waits for it after
+    every op; ``--torch-threads 2`` was 2x slower), so on the 25K-item benchmark bundle one process
+    was busy 100% of a core at 64 clients while the second core had half of it idle (the HTTP
+    process and the load generator use the rest). Two full servers splitting 64 clients served ~1,150
+    requests/s against ~880 for one (p99 74 vs 88-93 ms); at 16 clients batches halve and the gain is
+    small (see ``benchmarks/README.md``). The cost is memory: every process loads the bundle.
+
+    A reload is verified by the first process, then by the others together; if one of them refuses
+    a bundle the first accepted, every process is put back on the previous bundle and the reload is
+    refused. Between the first swap and the last, requests may be answered from either bundle (each
+    answer names its bundle); a batch never mixes them.
+    """
+
+    def __init__(self, members: list[ComputeProcess]) -> None:
+        if not members:
+            raise ValueError("at least one compute process")
+        self.members = members
+        self._turn = 0
+
+    @classmethod
+    def launch(
+        cls, bundle: str | os.PathLike[str], config: FunnelConfig, batching: BatchConfig, processes: int = 1
+    ) -> ComputeProcesses:
+        """Start ``processes`` compute processes together; each loads and verifies the bundle."""
+        if processes < 1:
+            raise ValueError(f"processes: {processes} (must be >= 1)")
+        with ThreadPoolExecutor(processes) as pool:
+            launches = [
+                pool.submit(ComputeProcess.launch, bundle, config, batching) for _ in range(processes)
+            ]
+        members: list[ComputeProcess] = []
+        refused: BaseException | None = None
+        for launched in launches:
+            try:
+                members.append(launched.result())
+            except BaseException as e:  # noqa: BLE001 - stop the others first, then raise the first
+                refused = refused or e
+        if refused is not None:
+            for member in members:
+                member.proc.kill()
+                member.proc.wait()
+            raise refused
+        return cls(members)
+
+    def _names(self) -> list[str]:
+        return ["compute"] if len(self.members) == 1 else [f"compute{i}" for i in range(len(self.members))]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.members[0].info
+
+    @property
+    def alive(self) -> bool:
+        return all(m.alive for m in self.members)
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.proc.pid for m in self.members]
+
+    async def start(self) -> None:
+        for member in self.members:
+            await member.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.members))
+
+    def _next(self) -> ComputeProcess:
+        self._turn = (self._turn + 1) % len(self.members)
+        turn = self.members[self._turn :] + self.members[: self._turn]
+        return min(turn, key=lambda m: m.in_flight)
+
+    async def recommend(self, request: RecommendRequest, arrived: float) -> dict[str, Any]:
+        return await self._next().recommend(request, arrived)
+
+    async def similar(self, item_id: str, k: int) -> dict[str, Any]:
+        return await self._next().similar(item_id, k)
+
+    async def gc_states(self) -> dict[str, GcState]:
+        """The collector figures of the HTTP process and of every compute process."""
+        states = {"http": gc_state()}
+        for name, member in zip(self._names(), self.members, strict=True):
+            if member.alive:
+                states[name] = await member.gc_state()
+        return states
+
+    async def reload(self, path: str, config: FunnelConfig) -> tuple[dict[str, Any], bool]:
+        first, rest = self.members[0], self.members[1:]
+        previous = first.info["path"]
+        info, released = await first.reload(path, config)  # BundleError: refused, nothing changed
+        results = await asyncio.gather(*(m.reload(path, config) for m in rest), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            swapped = [
+                first,
+                *(m for m, r in zip(rest, results, strict=True) if not isinstance(r, BaseException)),
+            ]
+            await asyncio.gather(*(m.reload(previous, config) for m in swapped), return_exceptions=True)
+            raise BundleError(
+                f"a compute process refused it after another had accepted it ({failed[0]}); "
+                f"every process is back on {previous}"
+            )
+        return info, released and all(r[1] for r in results if not isinstance(r, BaseException))
 
 
 # -- the compute process itself ----------------------------------------------------------------------

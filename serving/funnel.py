@@ -395,20 +395,20 @@ class Funnel:
             found = self.nearest(np.stack(list(seeds.values())), cfg.per_source)
             for i, (items, scores) in zip(seeds, found, strict=True):
                 lists[i].append((SIMILAR_TO_RECENT, items, scores))
-        out = []
+        blends: list[tuple[list[tuple[str, np.ndarray, np.ndarray]], np.ndarray, int]] = []
         for i, req in enumerate(reqs):
             if req.candidates is None:
                 n_trend = cfg.trending_known if users[i].index > 0 else cfg.trending_cold
                 lists[i].append((TRENDING, self.trending[:n_trend], self.trending_scores[:n_trend]))
-                out.append(blend(lists[i], excludes[i], cfg.max_candidates, len(self.items)))
+                blends.append((lists[i], excludes[i], cfg.max_candidates))
                 continue
             given = self.items.ids.lookup(req.candidates)
             given = given[given > 0]
             _, first = np.unique(given, return_index=True)
             given = given[np.sort(first)]
             request = [(REQUEST, given, np.arange(len(given), dtype=np.float32))]
-            out.append(blend(request, excludes[i], len(given), len(self.items)))
-        return out
+            blends.append((request, excludes[i], len(given)))
+        return blend_many(blends, len(self.items))
 
     # -- ranking ---------------------------------------------------------------------------------
     def _rank(
@@ -533,10 +533,9 @@ class Funnel:
         cands = [cand for cand, _ in retrieved]
         probs = self._rank(batch, users, cands)
         t_ranking = time.perf_counter()
-        reranked = [
-            mmr_rerank(p, self.item_vectors[c], req.k, req.diversity)
-            for req, p, c in zip(batch, probs, cands, strict=True)
-        ]
+        reranked = mmr_rerank_many(
+            probs, [self.item_vectors[c] for c in cands], [r.k for r in batch], [r.diversity for r in batch]
+        )
         t_rerank = time.perf_counter()
         stages = {
             "retrieval": 1000 * (t_retrieval - started),
@@ -563,18 +562,21 @@ class Funnel:
         cand, source_scores = retrieved
         order, mmr, max_sim = reranked
         raw = self.items.ids.raw_ids(cand[order]) if len(order) else []
+        # Python floats column by column: one conversion per array, not one per value
+        retrieval = {s: v[order].tolist() for s, v in source_scores.items()}
+        ranking, rerank, similarity = probs[order].tolist(), mmr.tolist(), max_sim.tolist()
         results = []
-        for pos, (item_id, i) in enumerate(zip(raw, order.tolist(), strict=True)):
-            retrieval = {s: float(v[i]) for s, v in source_scores.items() if not np.isnan(v[i])}
+        for pos, item_id in enumerate(raw):
             results.append(
                 {
                     "item_id": item_id,
-                    "score": float(mmr[pos]),
+                    "score": rerank[pos],
                     "stages": {
-                        "retrieval": retrieval,
-                        "ranking": float(probs[i]),
-                        "rerank": float(mmr[pos]),
-                        "max_similarity": float(max_sim[pos]),
+                        # NaN: the source did not propose the item (NaN != NaN)
+                        "retrieval": {s: c[pos] for s, c in retrieval.items() if c[pos] == c[pos]},
+                        "ranking": ranking[pos],
+                        "rerank": rerank[pos],
+                        "max_similarity": similarity[pos],
                     },
                 }
             )
@@ -644,40 +646,82 @@ def _fit_width(rows: np.ndarray, width: int) -> np.ndarray:
     return np.pad(rows, ((0, 0), (0, width - rows.shape[1])))
 
 
+Lists = Sequence[tuple[str, np.ndarray, np.ndarray]]
+
+
 def blend(
-    lists: Sequence[tuple[str, np.ndarray, np.ndarray]], exclude: np.ndarray, limit: int, num_items: int
+    lists: Lists, exclude: np.ndarray, limit: int, num_items: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Interleave ranked lists rank by rank, de-duplicate, drop ``exclude``; per-source score columns.
 
     Returns candidate item indices (at most ``limit``) and, per source, a float array aligned with
     them holding the source's score, NaN where the source did not propose the item.
     """
-    if not lists:
-        return np.zeros(0, dtype=np.int64), {}
-    items = np.concatenate([np.asarray(it, dtype=np.int64) for _, it, _ in lists])
-    rank = np.concatenate([np.arange(len(it)) for _, it, _ in lists])
-    src = np.concatenate([np.full(len(it), s) for s, (_, it, _) in enumerate(lists)])
-    scores = np.concatenate([np.asarray(sc, dtype=np.float32) for _, _, sc in lists])
+    return blend_many([(lists, exclude, limit)], num_items)[0]
+
+
+def blend_many(
+    requests: Sequence[tuple[Lists, np.ndarray, int]], num_items: int
+) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """:func:`blend` of several requests' ``(lists, exclude, limit)`` with one set of array calls.
+
+    Why batched: a request's lists hold a few hundred items, so blending one costs ~40 numpy calls
+    of overhead for little work; the batch's proposals are keyed ``request * (num_items + 1) + item``
+    and blended together, each request's answer the one it gets alone.
+    """
+    width = num_items + 1
+    proposals = [
+        (r, s, np.asarray(it, dtype=np.int64), np.asarray(sc, dtype=np.float32))
+        for r, (lists, _, _) in enumerate(requests)
+        for s, (_, it, sc) in enumerate(lists)
+    ]
+    sizes = np.array([len(it) for _, _, it, _ in proposals], dtype=np.int64)
+    items = np.concatenate([_EMPTY, *(it for _, _, it, _ in proposals)])
+    scores = np.concatenate([_NO_SCORES, *(sc for _, _, _, sc in proposals)])
+    req = np.repeat(np.array([r for r, _, _, _ in proposals], dtype=np.int64), sizes)
+    src = np.repeat(np.array([s for _, s, _, _ in proposals], dtype=np.int64), sizes)
+    rank = np.arange(len(items)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    key = req * width + items
     valid = (items > 0) & (items <= num_items)
-    if len(exclude):
-        valid &= ~np.isin(items, exclude)
-    items, rank, src, scores = items[valid], rank[valid], src[valid], scores[valid]
-    order = np.lexsort((src, rank))  # rank first, then source order
-    uniq, first = np.unique(items[order], return_index=True)
-    chosen = uniq[np.argsort(first, kind="stable")][:limit]
-    # position of every proposed item in `chosen` (-1: cut by the limit)
-    by_value = np.argsort(chosen, kind="stable")
-    slot = np.searchsorted(chosen[by_value], items)
-    slot = np.minimum(slot, max(len(chosen) - 1, 0))
-    hit = (chosen[by_value][slot] == items) if len(chosen) else np.zeros(len(items), dtype=bool)
-    position = np.where(hit, by_value[slot] if len(chosen) else 0, -1)
-    columns = {}
-    for s, (name, _, _) in enumerate(lists):
-        col = np.full(len(chosen), np.nan, dtype=np.float32)
-        m = (src == s) & (position >= 0)
-        col[position[m][::-1]] = scores[m][::-1]  # reversed: a source's first mention of an item wins
-        columns[name] = col
-    return chosen, columns
+    excluded = [r * width + e[(e > 0) & (e <= num_items)] for r, (_, e, _) in enumerate(requests) if len(e)]
+    if excluded:
+        valid &= ~np.isin(key, np.concatenate(excluded))
+    key, req, src, rank, scores = key[valid], req[valid], src[valid], rank[valid], scores[valid]
+    # first appearances in (request, rank, source) order: each request's interleaving
+    order = np.lexsort((src, rank, req))
+    uniq, first = np.unique(key[order], return_index=True)
+    chosen = uniq[np.argsort(first, kind="stable")]  # grouped by request, in interleaving order
+    chosen_req = chosen // width
+    requests_at = np.arange(len(requests))
+    starts = np.searchsorted(chosen_req, requests_at)
+    limits = np.array([limit for _, _, limit in requests], dtype=np.int64)
+    keep = np.arange(len(chosen)) - starts[chosen_req] < limits[chosen_req]
+    chosen, chosen_req = chosen[keep], chosen_req[keep]
+    starts = np.searchsorted(chosen_req, requests_at)
+    ends = np.searchsorted(chosen_req, requests_at, side="right")
+    # each proposal's row among the chosen (-1: excluded or cut by a limit)
+    by_key = np.argsort(chosen)
+    slot = np.minimum(np.searchsorted(chosen[by_key], key), max(len(chosen) - 1, 0))
+    hit = chosen[by_key][slot] == key if len(chosen) else np.zeros(len(key), dtype=bool)
+    row = np.where(hit, by_key[slot] if len(chosen) else 0, -1)
+    # a source's first mention of an item gives its score: proposals are in (request, source, rank)
+    # order, so the first index of each (request, item, source) is that mention
+    sources = max((len(lists) for lists, _, _ in requests), default=0)
+    mentioned = np.flatnonzero(row >= 0)
+    _, first_mention = np.unique(key[mentioned] * max(sources, 1) + src[mentioned], return_index=True)
+    mentioned = mentioned[first_mention]
+    columns = np.full((len(chosen), sources), np.nan, dtype=np.float32)
+    columns[row[mentioned], src[mentioned]] = scores[mentioned]
+    out = []
+    for r, (lists, _, _) in enumerate(requests):
+        s, e = int(starts[r]), int(ends[r])
+        picked = chosen[s:e] - r * width
+        out.append((picked, {name: columns[s:e, j] for j, (name, _, _) in enumerate(lists)}))
+    return out
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
 
 
 def mmr_rerank(
@@ -688,25 +732,59 @@ def mmr_rerank(
     ``mmr(i) = (1 - diversity) * relevance[i] - diversity * max_{j picked} cos(v_i, v_j)``; the
     first pick has no earlier item (similarity 0). ``vectors`` are unit rows (or zero rows).
     """
-    n = len(relevance)
-    k = min(k, n)
-    if k == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
-    rel = np.asarray(relevance, dtype=np.float64)
-    if diversity <= 0:
-        order = np.argsort(-rel, kind="stable")[:k]
-        return order, rel[order], np.zeros(k)
-    v = np.asarray(vectors, dtype=np.float32)
-    max_sim = np.zeros(n)
-    picked = np.zeros(n, dtype=bool)
-    order = np.empty(k, dtype=np.int64)
-    scores = np.empty(k)
-    sims = np.empty(k)
-    for step in range(k):
-        mmr = (1.0 - diversity) * rel - diversity * max_sim
-        mmr[picked] = -np.inf
-        best = int(np.argmax(mmr))
-        order[step], scores[step], sims[step] = best, mmr[best], max_sim[best]
-        picked[best] = True
-        max_sim = np.maximum(max_sim, v @ v[best]) if step else v @ v[best]
-    return order, scores, sims
+    return mmr_rerank_many([relevance], [vectors], [k], [diversity])[0]
+
+
+def mmr_rerank_many(
+    relevance: Sequence[np.ndarray],
+    vectors: Sequence[np.ndarray],
+    k: Sequence[int],
+    diversity: Sequence[float],
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`mmr_rerank` of several requests, their greedy steps taken together.
+
+    Why batched: each step is a few array calls over a couple of hundred candidates, so ten steps
+    of one request are mostly call overhead; padded to ``[requests, candidates]`` (padding never
+    picked), the batch takes ``max(k)`` steps in all.
+    """
+    out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    diverse: list[int] = []
+    for i, (rel, n_pick, div) in enumerate(zip(relevance, k, diversity, strict=True)):
+        n_pick = min(n_pick, len(rel))
+        rel = np.asarray(rel, dtype=np.float64)
+        if n_pick <= 0:
+            out.append((np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)))
+        elif div <= 0:
+            order = np.argsort(-rel, kind="stable")[:n_pick]
+            out.append((order, rel[order], np.zeros(n_pick)))
+        else:
+            out.append((_EMPTY, _EMPTY, _EMPTY))
+            diverse.append(i)
+    if not diverse:
+        return out
+    width = max(len(relevance[i]) for i in diverse)
+    rows = np.arange(len(diverse))
+    v = np.zeros((len(diverse), width, vectors[diverse[0]].shape[1]), dtype=np.float32)
+    # (1 - diversity) * relevance, -inf where nothing may be picked (padding, then each pick)
+    gain = np.full((len(diverse), width), -np.inf)
+    for row, i in enumerate(diverse):
+        n = len(relevance[i])
+        gain[row, :n] = (1.0 - diversity[i]) * np.asarray(relevance[i], dtype=np.float64)
+        v[row, :n] = vectors[i]
+    div = np.array([diversity[i] for i in diverse])[:, None]
+    steps = max(min(k[i], len(relevance[i])) for i in diverse)
+    max_sim = np.zeros((len(diverse), width))
+    order = np.empty((len(diverse), steps), dtype=np.int64)
+    scores = np.empty((len(diverse), steps))
+    sims = np.empty((len(diverse), steps))
+    for step in range(steps):
+        mmr = gain - div * max_sim
+        best = np.argmax(mmr, axis=1)
+        order[:, step], scores[:, step], sims[:, step] = best, mmr[rows, best], max_sim[rows, best]
+        gain[rows, best] = -np.inf
+        sim = np.matmul(v, v[rows, best][:, :, None])[:, :, 0]
+        max_sim = np.maximum(max_sim, sim) if step else sim.astype(np.float64)
+    for row, i in enumerate(diverse):
+        n_pick = min(k[i], len(relevance[i]))
+        out[i] = (order[row, :n_pick], scores[row, :n_pick], sims[row, :n_pick])
+    return out

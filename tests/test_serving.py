@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +42,15 @@ from data.ctr import CTRBatchBuilder
 from data.shards import PreparedDataset
 from serving.app import create_app
 from serving.batching import FAISS_BLAS_THRESHOLD, BatchConfig, Batcher
-from serving.funnel import Funnel, RecommendRequest, RequestError, blend, mmr_rerank
+from serving.funnel import (
+    Funnel,
+    RecommendRequest,
+    RequestError,
+    blend,
+    blend_many,
+    mmr_rerank,
+    mmr_rerank_many,
+)
 from trainer.config import load_config
 from trainer.export_bundle import export_bundle
 from trainer.export_ranking import export_ranking, load_training_model
@@ -85,10 +94,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(bundle: Path, port: int) -> subprocess.Popen[str]:
+def _serve(bundle: Path, port: int, *flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "launch", "serve", str(bundle), "--port", str(port)],
+        [sys.executable, "-m", "launch", "serve", str(bundle), "--port", str(port), *flags],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -155,19 +164,37 @@ def test_blend_interleaves_dedupes_and_keeps_each_sources_first_score(
 
 
 @given(
-    relevance=st.lists(st.floats(0, 1), min_size=1, max_size=12),
-    k=st.integers(1, 14),
-    diversity=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
-    seed=st.integers(0, 1000),
+    requests=st.lists(
+        st.tuples(_ITEM_LISTS, st.sets(st.integers(0, 25), max_size=6), st.integers(0, 40)), max_size=5
+    )
 )
 @settings(max_examples=200, deadline=None)
-def test_mmr_picks_greedily_by_relevance_against_max_similarity(
-    relevance: list[float], k: int, diversity: float, seed: int
+def test_blend_many_answers_each_request_as_if_alone(
+    requests: list[tuple[list[list[tuple[int, float]]], set[int], int]],
 ) -> None:
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((len(relevance), 4)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    order, scores, sims = mmr_rerank(np.array(relevance), v, k, diversity)
+    batch, wanted = [], []
+    for lists, exclude, limit in requests:
+        named = [(f"s{i}", [x for x, _ in pairs], [y for _, y in pairs]) for i, pairs in enumerate(lists)]
+        arrays = [(n, np.array(it, dtype=np.int64), np.array(sc, dtype=np.float32)) for n, it, sc in named]
+        batch.append((arrays, np.array(sorted(exclude), dtype=np.int64), limit))
+        wanted.append(_reference_blend(named, exclude, limit, num_items=20))
+    answers = blend_many(batch, num_items=20)
+    assert len(answers) == len(requests)
+    for (chosen, columns), (want, want_columns) in zip(answers, wanted, strict=True):
+        assert chosen.tolist() == want
+        assert set(columns) == set(want_columns)
+        for name, column in columns.items():
+            np.testing.assert_array_equal(column, np.array(want_columns[name], dtype=np.float32))
+
+
+def _check_greedy_mmr(
+    relevance: list[float],
+    v: np.ndarray,
+    k: int,
+    diversity: float,
+    answer: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    order, scores, sims = answer
     assert len(order) == min(k, len(relevance)) == len(set(order.tolist()))
     picked: list[int] = []
     for step, choice in enumerate(order.tolist()):
@@ -183,6 +210,53 @@ def test_mmr_picks_greedily_by_relevance_against_max_similarity(
         assert scores[step] == pytest.approx(score, abs=1e-6)
         assert sims[step] == pytest.approx(sim if diversity > 0 else 0.0, abs=1e-6)
         picked.append(choice)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, dim: int = 4) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@given(
+    relevance=st.lists(st.floats(0, 1), min_size=1, max_size=12),
+    k=st.integers(1, 14),
+    diversity=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=200, deadline=None)
+def test_mmr_picks_greedily_by_relevance_against_max_similarity(
+    relevance: list[float], k: int, diversity: float, seed: int
+) -> None:
+    v = _unit_rows(np.random.default_rng(seed), len(relevance))
+    _check_greedy_mmr(relevance, v, k, diversity, mmr_rerank(np.array(relevance), v, k, diversity))
+
+
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.lists(st.floats(0, 1), max_size=12),
+            st.integers(0, 14),
+            st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+        ),
+        max_size=5,
+    ),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=200, deadline=None)
+def test_mmr_many_picks_greedily_for_each_request_of_a_padded_batch(
+    requests: list[tuple[list[float], int, float]], seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    vectors = [_unit_rows(rng, len(relevance)) for relevance, _, _ in requests]
+    answers = mmr_rerank_many(
+        [np.array(r, dtype=np.float64) for r, _, _ in requests],
+        vectors,
+        [k for _, k, _ in requests],
+        [d for _, _, d in requests],
+    )
+    assert len(answers) == len(requests)
+    for (relevance, k, diversity), v, answer in zip(requests, vectors, answers, strict=True):
+        _check_greedy_mmr(relevance, v, k, diversity, answer)
 
 
 @pytest.fixture(scope="module")
@@ -479,6 +553,8 @@ def test_serve_refuses_out_of_range_batching_flags(tmp_path: Path) -> None:
     for flags, message in (
         (["--max-batch", "0"], "--max-batch 0"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms -1.0"),
+        (["--compute-processes", "0"], "--compute-processes 0"),
+        (["--compute", "thread", "--compute-processes", "2"], "--compute-processes needs --compute process"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "launch", "serve", str(tmp_path), *flags],
@@ -770,6 +846,83 @@ def test_the_compute_process_answers_as_in_process_and_its_death_is_a_503(stack:
             assert client.get("/healthz").status_code == 503
             assert client.get("/readyz").status_code == 503
             assert client.post("/recommend", json={"k": 3}).status_code == 503
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out, out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_several_compute_processes_share_the_requests_and_reload_together(stack: Any, tmp_path: Path) -> None:
+    bundle_a, bundle_b = stack["root"] / "bundle-a", stack["root"] / "bundle-b"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(bundle_b, port, "--compute-processes", "2")
+    try:
+        _wait_ready(proc, url)
+        children = _children(proc.pid)
+        assert len(children) == 2
+        users, items = _users_items(stack["world"])
+        funnel = Funnel.load(bundle_b)
+        requests, expected = [], []
+        for request in _mixed_requests(users, items):
+            try:
+                expected.append(funnel.recommend(request))
+            except RequestError:
+                continue
+            requests.append(request)
+        cpu_before = [_cpu_seconds(c) for c in children]
+
+        def answers(client: httpx.Client, rounds: int) -> list[dict[str, Any]]:
+            out = []
+            for _ in range(rounds):
+                for request, want in zip(requests, expected, strict=True):
+                    served = client.post("/recommend", json=dataclasses.asdict(request))
+                    assert served.status_code == 200, served.text
+                    _assert_same_answer(want, served.json())
+                    out.append(served.json())
+            return out
+
+        clients = [httpx.Client(base_url=url, timeout=60) for _ in range(4)]
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda c: answers(c, 5), clients))
+            # both processes computed a share (loading used none of this CPU: it is measured after)
+            used = [_cpu_seconds(c) - before for c, before in zip(children, cpu_before, strict=True)]
+            assert min(used) > 0.05, used
+            metrics = clients[0].get("/metrics").text
+            assert 'process="compute0"' in metrics and 'process="compute1"' in metrics
+
+            old = clients[0].get("/readyz").json()["bundle"]["version"]
+            tampered = tmp_path / "tampered"
+            shutil.copytree(bundle_a, tampered)
+            with open(tampered / "ranking/deepfm/weights.safetensors", "r+b") as f:
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\xff\xff\xff\xff")
+            refused = clients[0].post("/admin/reload", json={"path": str(tampered)})
+            assert refused.status_code == 422 and "checksum mismatch" in refused.json()["error"]
+            reloaded = clients[0].post("/admin/reload", json={"path": str(bundle_a)})
+            assert reloaded.status_code == 200, reloaded.text
+            new = reloaded.json()["bundle"]["version"]
+            assert new != old
+            # every process serves the new bundle once the reload has answered
+            with ThreadPoolExecutor(4) as pool:
+                served = pool.map(lambda c: c.post("/recommend", json={"k": 3}).json()["bundle"], clients * 5)
+                assert set(served) == {new}
+
+            os.kill(children[1], signal.SIGKILL)
+            deadline = time.time() + 30
+            while clients[0].get("/healthz").status_code == 200 and time.time() < deadline:
+                time.sleep(0.1)
+            assert clients[0].get("/healthz").status_code == 503
+        finally:
+            for client in clients:
+                client.close()
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
