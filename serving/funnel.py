@@ -25,8 +25,9 @@ cold-start path (trending plus what their recent items and features suggest).
 
 :meth:`Funnel.recommend_many` runs several requests through the stages together (the server's
 compute thread batches concurrent requests, ``serving/batching.py``): one encoder call and one
-index search per retrieval source, one ranking call over all their candidates; blending and MMR stay
-per request. :meth:`Funnel.recommend` is a batch of one, so there is one implementation of the path.
+index search per retrieval source, one ranking call over all their candidates, and blending and MMR
+each as one set of array calls over the batch (:func:`blend_many`, :func:`mmr_rerank_many`).
+:meth:`Funnel.recommend` is a batch of one, so there is one implementation of the path.
 """
 
 from __future__ import annotations
@@ -503,8 +504,9 @@ class Funnel:
         gets its :class:`RequestError` in its slot and the others are answered.
 
         Together: one encoder call and one index search per retrieval source, one matrix product
-        for similar_to_recent, one ranking call over every request's candidates. Each answer is the
-        one the request gets alone, up to the float rounding of the batched products (~1e-7).
+        for similar_to_recent, one ranking call over every request's candidates, one blend and one
+        MMR over the batch. Each answer is the one the request gets alone, up to the float rounding
+        of the batched products (~1e-7).
         ``arrived`` (``time.perf_counter()`` when each request came in) adds the time it waited for
         its batch as ``latency_ms.queue``, part of ``total``; the stage times are the batch's.
         """
