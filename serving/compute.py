@@ -320,11 +320,13 @@ class ComputeProcesses:
     A request goes to the process with the fewest requests in flight (ties in turn), so each one
     batches its share. Why more than one: a compute process runs its batches on one thread, and the
     models release the GIL only op by op (a second thread in the same process waits for it after
-    every op; ``--torch-threads 2`` was 2x slower), so on the 25K-item benchmark bundle one process
-    was busy 100% of a core at 64 clients while the second core had half of it idle (the HTTP
-    process and the load generator use the rest). Two full servers splitting 64 clients served ~1,150
-    requests/s against ~880 for one (p99 74 vs 88-93 ms); at 16 clients batches halve and the gain is
-    small (see ``benchmarks/README.md``). The cost is memory: every process loads the bundle.
+    every op; ``--torch-threads 2`` halved throughput), so on the 25K-item benchmark bundle one
+    process was busy a whole core at 64 clients while about half of the second core was idle (the
+    HTTP process and the load generator use the rest). Measured there, two processes against one:
+    64 clients 1,105-1,214 vs 869-950 requests/s, median 49-55 vs 68-73 ms, but p99 87-97 vs 82-90 ms
+    (four busy processes on two cores widen the tail); 16 clients no better (batches halve). So one
+    is the default: more are for throughput, and for machines with cores to spare. The cost is
+    memory: every process loads the bundle.
 
     A reload is verified by the first process, then by the others together; if one of them refuses
     a bundle the first accepted, every process is put back on the previous bundle and the reload is
@@ -373,10 +375,6 @@ class ComputeProcesses:
     @property
     def alive(self) -> bool:
         return all(m.alive for m in self.members)
-
-    @property
-    def pids(self) -> list[int]:
-        return [m.proc.pid for m in self.members]
 
     async def start(self) -> None:
         for member in self.members:
