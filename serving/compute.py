@@ -407,18 +407,16 @@ class ComputeProcesses:
         previous = first.info["path"]
         info, released = await first.reload(path, config)  # BundleError: refused, nothing changed
         results = await asyncio.gather(*(m.reload(path, config) for m in rest), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            swapped = [
-                first,
-                *(m for m, r in zip(rest, results, strict=True) if not isinstance(r, BaseException)),
-            ]
+        accepted = [(m, r) for m, r in zip(rest, results, strict=True) if not isinstance(r, BaseException)]
+        if len(accepted) < len(rest):
+            failed = next(r for r in results if isinstance(r, BaseException))
+            swapped = [first, *(m for m, _ in accepted)]
             await asyncio.gather(*(m.reload(previous, config) for m in swapped), return_exceptions=True)
             raise BundleError(
-                f"a compute process refused it after another had accepted it ({failed[0]}); "
+                f"a compute process refused it after another had accepted it ({failed}); "
                 f"every process is back on {previous}"
             )
-        return info, released and all(r[1] for r in results if not isinstance(r, BaseException))
+        return info, released and all(r[1] for _, r in accepted)
 
 
 # -- the compute process itself ----------------------------------------------------------------------

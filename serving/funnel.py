@@ -749,14 +749,14 @@ def mmr_rerank_many(
     of one request are mostly call overhead; padded to ``[requests, candidates]`` (padding never
     picked), the batch takes ``max(k)`` steps in all.
     """
+    picks = [min(n, len(rel)) for n, rel in zip(k, relevance, strict=True)]
     out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     diverse: list[int] = []
-    for i, (rel, n_pick, div) in enumerate(zip(relevance, k, diversity, strict=True)):
-        n_pick = min(n_pick, len(rel))
-        rel = np.asarray(rel, dtype=np.float64)
+    for i, (rel, n_pick, div) in enumerate(zip(relevance, picks, diversity, strict=True)):
         if n_pick <= 0:
             out.append((np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)))
         elif div <= 0:
+            rel = np.asarray(rel, dtype=np.float64)
             order = np.argsort(-rel, kind="stable")[:n_pick]
             out.append((order, rel[order], np.zeros(n_pick)))
         else:
@@ -774,7 +774,7 @@ def mmr_rerank_many(
         gain[row, :n] = (1.0 - diversity[i]) * np.asarray(relevance[i], dtype=np.float64)
         v[row, :n] = vectors[i]
     div = np.array([diversity[i] for i in diverse])[:, None]
-    steps = max(min(k[i], len(relevance[i])) for i in diverse)
+    steps = max(picks[i] for i in diverse)
     max_sim = np.zeros((len(diverse), width))
     order = np.empty((len(diverse), steps), dtype=np.int64)
     scores = np.empty((len(diverse), steps))
@@ -787,6 +787,5 @@ def mmr_rerank_many(
         sim = np.matmul(v, v[rows, best][:, :, None])[:, :, 0]
         max_sim = np.maximum(max_sim, sim) if step else sim.astype(np.float64)
     for row, i in enumerate(diverse):
-        n_pick = min(k[i], len(relevance[i]))
-        out[i] = (order[row, :n_pick], scores[row, :n_pick], sims[row, :n_pick])
+        out[i] = (order[row, : picks[i]], scores[row, : picks[i]], sims[row, : picks[i]])
     return out
