@@ -12,6 +12,8 @@ that do not apply to a row are empty bags):
 * :class:`UserBatch` (evaluation): users with their held-out target items and the items they had
   already seen (excluded from the ranking).
 * :class:`ItemBatch`: catalog items, to compute every item embedding.
+* :class:`CatalogBatch` (training with ``train_on="users"``, the multinomial loss): users, each
+  with the bag of all their training items, then this rank's slice of the catalog.
 
 History (``history_mode="recent"``, the default): the items of the user strictly before the
 interaction, newest ``history_length`` kept, taken from ``sequences`` and restricted to the splits a
@@ -49,6 +51,7 @@ from data.splits import DEFAULT_FRACTIONS, make_split
 HISTORY = "history"  # KJT key of the recent-items bag
 SPLITS = ("dataset", "loo", "temporal", "random")
 HISTORY_MODES = ("recent", "others")
+TRAIN_ON = ("interactions", "users")  # a training row is an interaction, or a user against the catalog
 # Splits whose interactions a stage may use as history features and must exclude from its ranking:
 # validation sees training only; test also sees validation (leave-one-out: the item before the test one).
 VISIBLE = {"train": ("train",), "val": ("train",), "test": ("train", "val")}
@@ -166,6 +169,33 @@ class UserBatch(_TensorBatch):
 
     def seen_mask(self, num_columns: int) -> torch.Tensor:
         return _jagged_mask(self.seen_values, self.seen_offsets, num_columns)
+
+
+@dataclass
+class CatalogBatch(_TensorBatch):
+    """Training users against the whole catalog (``train_on="users"``: the multinomial loss).
+
+    Rows ``0..num_queries-1`` are users, each with the bag of all their training items (input
+    dropout applied); the last rows are this rank's slice of the catalog (``item``, 0 = padding so
+    that every rank's slice has the same size). ``target_*`` hold each user's training items.
+    """
+
+    features: KeyedJaggedTensor
+    user: torch.Tensor  # [U]
+    item: torch.Tensor  # [C] this rank's catalog slice, 0-padded
+    target_values: torch.Tensor
+    target_offsets: torch.Tensor  # [U + 1]
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.user.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_queries
+
+    def target_mask(self, num_columns: int) -> torch.Tensor:
+        return _jagged_mask(self.target_values, self.target_offsets, num_columns)
 
 
 def _jagged_mask(values: torch.Tensor, offsets: torch.Tensor, num_columns: int) -> torch.Tensor:
@@ -324,20 +354,36 @@ class _History:
             hi = self.cum[rows]
             lo = np.maximum(first, hi - self.length)
             return self._drop(rows, *_drop_unknown(self.compact[_ranges(lo, hi - lo)], hi - lo))
-        # others: the user's visible items except this row's own, sampled (with replacement: an
-        # unbiased bag mean) when there are more than `length`; keyed by the rows, so reproducible
+        # others: the user's visible items except this row's own
         own = np.where(self.visible[rows], self.cum[rows], -1)
+        return self._sample(seq, own, rows)
+
+    def of_sequences(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, lengths)`` of bags of *all* the visible items of sequences (users) ``seq``.
+
+        The input of a denoising autoencoder's user (Mult-DAE): the items the loss then predicts are
+        in the bag too, and ``dropout`` is what keeps the model from copying its input.
+        """
+        seq = np.asarray(seq, dtype=np.int64)
+        # keyed apart from interaction rows (whose keys are row numbers, far below 2**40)
+        return self._sample(seq, np.full(len(seq), -1, dtype=np.int64), seq + (1 << 40))
+
+    def _sample(self, seq: np.ndarray, own: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The visible items of sequences ``seq`` except position ``own`` (-1: none), sampled (with
+        replacement: an unbiased bag mean) when there are more than ``length``; the draws keyed by
+        ``key``, so reproducible."""
+        first = self.cum[self.seq_offsets[seq]]
         others = self.cum[self.seq_offsets[seq + 1]] - first - (own >= 0)
         small = others <= self.length
         lengths = np.where(small, others, self.length)
-        rng = np.random.default_rng([self.seed, _HISTORY_STREAM, zlib.crc32(rows.tobytes())])
-        k = _ranges(np.zeros(len(rows), dtype=np.int64), lengths)  # 0..length-1 per row
+        rng = np.random.default_rng([self.seed, _HISTORY_STREAM, zlib.crc32(key.tobytes())])
+        k = _ranges(np.zeros(len(seq), dtype=np.int64), lengths)  # 0..length-1 per row
         big = np.repeat(~small, lengths)
         k[big] = (rng.random(int(big.sum())) * np.repeat(others, lengths)[big]).astype(np.int64)
         pos = np.repeat(first, lengths) + k
         owner = np.repeat(own, lengths)
         pos += (owner >= 0) & (pos >= owner)  # skip the row's own item
-        return self._drop(rows, *_drop_unknown(self.compact[pos], lengths))
+        return self._drop(key, *_drop_unknown(self.compact[pos], lengths))
 
     def _drop(
         self, rows: np.ndarray, values: np.ndarray, lengths: np.ndarray
@@ -389,8 +435,12 @@ class RetrievalDataModule(ShardedDataModule):
         val_fraction: float = 0.0,
         eval_history_length: int | None = None,
         history_dropout: float = 0.0,
+        train_on: str = "interactions",
     ) -> None:
         super().__init__()
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on {train_on!r}: choose one of {TRAIN_ON}")
+        self.train_on = train_on
         if num_negatives < 0:
             raise ValueError(f"model.loss.num_negatives must be >= 0, got {num_negatives}")
         if eval_history_length is None:
@@ -441,7 +491,8 @@ class RetrievalDataModule(ShardedDataModule):
     # -- dataset layout -------------------------------------------------------------------------
     def _check_sequences(self) -> np.ndarray:
         seq = self.dataset.jagged("sequences", "items")
-        seq_user = np.asarray(self.dataset.column("sequences", "user"))
+        seq_user = np.asarray(self.dataset.column("sequences", "user"), dtype=np.int64)
+        self.seq_user = seq_user
         offsets = np.asarray(seq.offsets, dtype=np.int64)
         lengths = np.diff(offsets)
         aligned = (
@@ -572,6 +623,34 @@ class RetrievalDataModule(ShardedDataModule):
             num_queries=len(rows),
         )
 
+    def training_sequences(self) -> np.ndarray:
+        """Sequences (users) with at least one training interaction: the rows of ``train_on="users"``."""
+        hist = self._history("train")
+        counts = hist.cum[self.seq_offsets[1:]] - hist.cum[self.seq_offsets[:-1]]
+        return np.flatnonzero(counts > 0)
+
+    def catalog_slice(self, rank: int, world_size: int) -> np.ndarray:
+        """Rank ``rank``'s share of items ``1..num_items``, 0-padded so that all ranks' are equal."""
+        per = -(-self.schema.num_items // world_size)
+        items = np.arange(1 + rank * per, 1 + min((rank + 1) * per, self.schema.num_items), dtype=np.int64)
+        return np.concatenate([items, np.zeros(per - len(items), dtype=np.int64)])
+
+    def catalog_batch(self, seq: np.ndarray, items: np.ndarray) -> CatalogBatch:
+        """Users of sequences ``seq`` (bags of all their training items) and catalog ``items``."""
+        seq = np.asarray(seq, dtype=np.int64)
+        hist = self._history("train")
+        users = self.seq_user[seq]
+        bags = self._query_bags(users, hist.of_sequences(seq), pad=len(items))
+        bags.update(self._item_bags(items, lead=len(seq)))
+        lo, hi = hist.cum[self.seq_offsets[seq]], hist.cum[self.seq_offsets[seq + 1]]
+        return CatalogBatch(
+            features=self._kjt(bags, len(seq) + len(items)),
+            user=torch.from_numpy(users),
+            item=torch.from_numpy(items),
+            target_values=torch.from_numpy(hist.compact[_ranges(lo, hi - lo)]),
+            target_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)),
+        )
+
     def user_batch(self, stage: str, index: np.ndarray) -> UserBatch:
         """Rows ``index`` of :meth:`eval_users` of ``stage``."""
         ev = self.eval_users(stage)
@@ -633,6 +712,12 @@ class RetrievalDataModule(ShardedDataModule):
     def make_loader(self, split: str, rank: int, world_size: int) -> GlobalBatches[Any]:
         """``train``, ``val``/``test`` (eval users) or ``items`` (the whole catalog)."""
         common = {"rank": rank, "world_size": world_size, "seed": self.seed}
+        if split == "train" and self.train_on == "users":
+            items = self.catalog_slice(rank, world_size)
+            return GlobalBatches(
+                self.training_sequences(), self.batch_size, lambda seq: self.catalog_batch(seq, items),
+                shuffle=True, drop_last=False, **common,
+            )  # fmt: skip
         if split == "train":
             negatives = self.negatives_per_rank(world_size)
             rows = np.flatnonzero(self.codes == SPLIT_CODES["train"])

@@ -4,6 +4,9 @@
     item tower: [item id, item side features (multi-valued ones mean-pooled)] -> MLP -> L2 norm
     score(u, i) = <user, item> / temperature   (trainer.retrieval's losses apply the temperature)
 
+With ``projection=False`` there is no dense layer: each tower's output is its pooled embeddings, so
+the towers are the (sharded) tables alone.
+
 The user tower may drop the id and side features and keep only the history bag (an inductive
 model, YouTube-DNN style: a user unseen in training is embedded from the items they consumed).
 
@@ -46,6 +49,10 @@ class TwoTowerConfig:
     user_arch: list[int] = field(default_factory=lambda: [128])  # hidden layer sizes
     item_arch: list[int] = field(default_factory=lambda: [128])
     output_dim: int = 64
+    # False: no dense layers, each tower's output is its pooled embeddings (concatenated), so the
+    # score is a dot product of table rows (Mult-DAE's form: measured better than a linear projection
+    # on the multinomial loss); output_dim must then equal that width
+    projection: bool = True
     temperature: float = 0.05
     dropout: float = 0.0
     history_feature: str = "history"  # KJT key of the recent-items bag
@@ -57,6 +64,17 @@ class TwoTowerConfig:
             )
         if self.output_dim <= 0:
             raise ValueError(f"model.output_dim must be > 0, got {self.output_dim}")
+        if not self.projection:
+            widths = {
+                "user": len(self.query_features) * self.embedding_dim,
+                "item": len(self.candidate_features) * self.embedding_dim,
+            }
+            if self.user_arch or self.item_arch or set(widths.values()) != {self.output_dim}:
+                raise ValueError(
+                    f"model.projection false: the towers output their pooled embeddings, so user_arch and "
+                    f"item_arch must be [] and output_dim {self.output_dim} must equal both towers' widths "
+                    f"{widths} (features x embedding_dim)"
+                )
         if not self.temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
         if self.history_length < 0:
@@ -136,12 +154,17 @@ class TwoTower(nn.Module):
         self.config = config
         d = config.embedding_dim
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
-        self.user_tower = mlp(
-            [len(config.query_features) * d, *config.user_arch, config.output_dim], config.dropout, device
-        )
-        self.item_tower = mlp(
-            [len(config.candidate_features) * d, *config.item_arch, config.output_dim], config.dropout, device
-        )
+        self.user_tower: nn.Module = nn.Identity()
+        self.item_tower: nn.Module = nn.Identity()
+        if config.projection:
+            self.user_tower = mlp(
+                [len(config.query_features) * d, *config.user_arch, config.output_dim], config.dropout, device
+            )
+            self.item_tower = mlp(
+                [len(config.candidate_features) * d, *config.item_arch, config.output_dim],
+                config.dropout,
+                device,
+            )
 
     def forward(
         self, features: KeyedJaggedTensor, num_queries: int, num_items: int, with_user_norms: bool = False

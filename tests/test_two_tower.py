@@ -32,6 +32,7 @@ from trainer.logq import StreamingItemFrequency
 from trainer.retrieval import (
     RetrievalLossConfig,
     build_two_tower,
+    catalog_softmax_loss,
     cosine_contrastive_loss,
     mixture_log_q,
     retrieval_loss,
@@ -168,6 +169,30 @@ def test_uniform_only_pool_is_the_softmax_over_the_positive_and_the_samples() ->
         RetrievalLossConfig(kind="bpr")
 
 
+def test_catalog_softmax_loss_matches_hand_computation() -> None:
+    """Multinomial: each user's training items under one softmax over the catalog; padding never scored."""
+    t = 0.5
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    catalog = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.0, 0.0]])  # items 1, 2, 3, padding
+    ids = torch.tensor([1, 2, 3, 0])
+    targets = torch.zeros(2, 4, dtype=torch.bool)
+    targets[0, [1, 3]] = True  # user 0 trained on items 1 and 3
+    targets[1, 2] = True
+
+    def nll(logits: list[float], picked: list[int]) -> float:
+        lse = math.log(sum(math.exp(v) for v in logits))
+        return sum(lse - logits[j] for j in picked)
+
+    expected = (nll([2.0, 0.0, 1.2], [0, 2]) + nll([0.0, 2.0, 1.6], [1])) / 2
+    got = catalog_softmax_loss(q, catalog, ids, targets, temperature=t)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # the padding row would add exp(0) = 1 to every normaliser if it were scored
+    assert abs(nll([2.0, 0.0, 1.2, 0.0], [0, 2]) - nll([2.0, 0.0, 1.2], [0, 2])) > 0.1
+    with pytest.raises(ValueError, match="multinomial scores the whole catalog"):
+        RetrievalLossConfig(kind="multinomial")
+    RetrievalLossConfig(kind="multinomial", logq_correction=False)
+
+
 CROSS_RANK_SCRIPT = r"""
 import dataclasses, json, sys
 import torch, torch.distributed as dist
@@ -209,16 +234,42 @@ errors = [(m.grad / world - r.grad[s]).abs().max().item() for m, r, s in zip(min
 local = loss_of(*[t.detach() for t in mine], pos_ids[sb], neg_ids[sn], users[sb], gather=False)
 local_mean = local.clone()
 dist.all_reduce(local_mean)
+
+# the multinomial loss: users split over ranks, each rank embedding a 0-padded slice of the catalog
+from trainer.retrieval import catalog_softmax_loss
+U, C = 6, 7  # users, catalog items (ids 1..7); two slices of 4, the last padded with id 0
+users_q = F.normalize(torch.randn(U, D, generator=g), dim=1)
+catalog = F.normalize(torch.randn(C, D, generator=g), dim=1)
+targets = torch.rand(U, C + 1, generator=g) < 0.4
+targets[:, 0] = False
+targets[torch.arange(U), torch.arange(U) + 1] = True  # every user has a target
+ref_q, ref_c = users_q.clone().requires_grad_(), catalog.clone().requires_grad_()
+ref_mn = -(torch.log_softmax(ref_q @ ref_c.T / 0.1, 1) * targets[:, 1:]).sum(1).mean()
+ref_mn.backward()
+u = U // world
+ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]][rank])
+rows = torch.cat([torch.zeros(1, D), catalog])[ids]  # id 0: padding, a zero row
+my_q, my_c = users_q[rank * u : (rank + 1) * u].clone().requires_grad_(), rows.clone().requires_grad_()
+mn = catalog_softmax_loss(my_q, my_c, ids, targets[rank * u : (rank + 1) * u], temperature=0.1)
+mn.backward()
+mn_mean = mn.detach().clone()
+dist.all_reduce(mn_mean)
+real = ids > 0
+errors += [
+    (my_q.grad / world - ref_q.grad[rank * u : (rank + 1) * u]).abs().max().item(),
+    (my_c.grad[real] / world - ref_c.grad[ids[real] - 1]).abs().max().item(),
+]
 if rank == 0:
     result = {"two_ranks": mean.item() / world, "one_rank": ref.item(), "grad_errors": errors,
-              "without_gather": local_mean.item() / world}
+              "without_gather": local_mean.item() / world, "multinomial_two_ranks": mn_mean.item() / world,
+              "multinomial_one_rank": ref_mn.item()}
     print("RESULT " + json.dumps(result))
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.slow
-def test_cross_rank_negatives_equal_one_rank_with_the_concatenated_batch(tmp_path: Path) -> None:
+def test_cross_rank_losses_equal_one_rank_with_the_concatenated_batch(tmp_path: Path) -> None:
     script = tmp_path / "cross_rank.py"
     script.write_text(CROSS_RANK_SCRIPT)
     proc = torchrun(2, [str(script)], timeout=300)
@@ -228,6 +279,8 @@ def test_cross_rank_negatives_equal_one_rank_with_the_concatenated_batch(tmp_pat
     assert max(r["grad_errors"]) < 1e-6, r["grad_errors"]
     # without the gather each rank sees half the pool: a different (easier) loss
     assert abs(r["without_gather"] - r["one_rank"]) > 1e-3
+    # the multinomial loss over gathered catalog slices (gradients are in grad_errors too)
+    assert r["multinomial_two_ranks"] == pytest.approx(r["multinomial_one_rank"], abs=1e-5)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -328,6 +381,43 @@ def test_history_dropout_thins_training_bags_only(world: Path) -> None:
         RetrievalDataModule(world, history_dropout=1.0)
 
 
+def test_catalog_batches_pair_users_with_all_their_training_items_and_a_catalog_slice(world: Path) -> None:
+    """train_on=users: a row per user, bag = their training items thinned by dropout, targets = all of
+    them; the ranks' catalog slices cover every item once (0-padded to equal sizes)."""
+    dm = RetrievalDataModule(
+        world, history_length=10_000, history_mode="others", split="random", history_dropout=0.5,
+        train_on="users", batch_size=64,
+    )  # fmt: skip
+    train = dm.codes == SPLIT_CODES["train"]
+    slices = [dm.catalog_slice(r, 3) for r in range(3)]
+    assert len({len(x) for x in slices}) == 1
+    flat = np.concatenate(slices)
+    assert sorted(flat[flat > 0].tolist()) == list(range(1, dm.schema.num_items + 1))
+    loader = dm.make_loader("train", 1, 2)
+    seen_users, kept, total = set(), 0, 0
+    for batch in loader:
+        assert batch.item.tolist() == dm.catalog_slice(1, 2).tolist()
+        bags = batch.features.to_dict()
+        assert bags["item"].lengths()[: batch.num_queries].sum() == 0  # user rows carry no item
+        assert bags["item"].lengths()[batch.num_queries :].tolist() == (batch.item > 0).long().tolist()
+        history = bags[HISTORY]
+        for k, user in enumerate(batch.user.tolist()):
+            mine = (dm.inter_user == user) & train
+            want = set(dm.inter_item[mine].tolist())
+            targets = batch.target_values[batch.target_offsets[k] : batch.target_offsets[k + 1]].tolist()
+            bag = history.values()[history.offsets()[k] : history.offsets()[k + 1]].tolist()
+            assert set(targets) == want and len(targets) == mine.sum()
+            assert set(bag) <= want and len(bag) > 0
+            kept, total = kept + len(bag), total + len(targets)
+            seen_users.add(user)
+    assert 0.45 < kept / total < 0.6  # half dropped, one kept per otherwise empty bag
+    # rank 1 of 2 gets half of the users of each global batch; both ranks together see every user
+    everyone = set(dm.seq_user[dm.training_sequences()].tolist())
+    assert len(seen_users) == pytest.approx(len(everyone) / 2, abs=len(everyone) / 64)
+    with pytest.raises(ValueError, match="train_on 'items'"):
+        RetrievalDataModule(world, train_on="items")
+
+
 def test_user_norms_are_the_squared_norms_of_the_user_feature_rows(world: Path) -> None:
     """The input of the user-id regulariser, which the unit-norm outputs cannot show."""
     module, dm = build_two_tower(load_config(CONFIG, [f"data.path={world}", "model.loss.user_l2=0.1"]))
@@ -419,6 +509,23 @@ def test_evaluation_queries_take_the_longer_history(world: Path) -> None:
         RetrievalDataModule(world, history_length=0, eval_history_length=5)
 
 
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("two_tower_*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_build_on_any_user_item_dataset(world: Path, config: Path) -> None:
+    """The recipes' model and loss settings are valid (their datasets may be absent here: the test
+    world stands in, with the recipe's features it lacks, such as ML-100K's zip code, left out)."""
+    tables = PreparedDataset(world).tables
+    model = load_config(config).model
+    overrides = [f"data.path={world}"]
+    for tower, entity in (("user_features", "user"), ("item_features", "item")):
+        if model.get(tower) is not None:
+            has = set(tables[f"{entity}s"].columns) | {entity}
+            overrides.append(f"model.{tower}=[{', '.join(f for f in model[tower] if f in has)}]")
+    module, dm = build_two_tower(load_config(config, overrides))
+    multinomial = module.loss_config.kind == "multinomial"
+    assert dm.train_on == ("users" if multinomial else "interactions")
+    TwoTower(module.config, device=torch.device("meta"))
+
+
 def test_config_errors_name_the_field(world: Path) -> None:
     def build(*overrides: str) -> None:
         build_two_tower(load_config(CONFIG, [f"data.path={world}", *overrides]))
@@ -437,6 +544,8 @@ def test_config_errors_name_the_field(world: Path) -> None:
         build("model.history_mode=all")
     with pytest.raises(ConfigError, match="model.loss.logq_weight must be >= 0"):
         build("model.loss.logq_weight=-1")
+    with pytest.raises(ConfigError, match=r"projection false: .*output_dim 64 must equal both towers"):
+        build("model.projection=false", "model.user_arch=[]", "model.item_arch=[]")
     with pytest.raises(ConfigError, match="data.path: .*not a prepared dataset"):
         build_two_tower(load_config(CONFIG, [f"data.path={world.parent / 'missing'}"]))
 
@@ -504,6 +613,62 @@ def test_two_rank_row_wise_training_beats_popularity(trained: Path, world: Path)
         assert m[f"test/ndcg@{k}"] > m[f"test/pop_ndcg@{k}"]
         assert 0 < m[f"test/recall@{k}"] <= m[f"test/hr@{k}"] + 1e-9  # one target per user here: equal
     assert m["val/recall@20"] > m["val/pop_recall@20"]
+
+
+@pytest.mark.slow
+def test_two_rank_multinomial_training_without_dense_layers_beats_popularity(
+    world: Path, tmp_path: Path
+) -> None:
+    """loss.kind multinomial (users against the catalog) with projection false: the towers are the
+    row-wise sharded tables alone, so nothing is left for the dense optimizer and the fused one
+    trains everything."""
+    run = tmp_path / "run"
+    sets = [
+        f"data.path={world}", f"run_dir={run}", "model.user_features=[]", "model.item_features=[item]",
+        "model.share_item_table=false", "model.projection=false", "model.user_arch=[]", "model.item_arch=[]",
+        "model.embedding_dim=32", "model.output_dim=32", "model.history_length=10000",
+        "model.history_mode=others", "model.history_dropout=0.5", "model.temperature=0.1",
+        "model.loss.kind=multinomial", "model.loss.logq_correction=false", "model.loss.num_negatives=0",
+        "sharding.tables={item: {sharding_types: [row_wise]}, history: {sharding_types: [row_wise]}}",
+        "sparse_optimizer.name=adagrad", "data.batch_size=256", "trainer.max_epochs=10",
+        "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    torchrun(2, ["-m", "trainer", "--config", str(CONFIG), *[a for s in sets for a in ("--set", s)]])
+    summary = json.loads((run / "summary.json").read_text())
+    assert {row["table"]: row["sharding_type"] for row in summary["plan"]} == {
+        "item": "row_wise", "history": "row_wise",
+    }  # fmt: skip
+    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    m = summary["metrics"]
+    ceiling = _truth_ceiling(world, RetrievalDataModule(world), 20)
+    model, pop = m["test/recall@20"], m["test/pop_recall@20"]
+    # an unordered bag of every item on a sequential world: a smaller share of the lift than the
+    # in-batch model's recent-items history takes, still a clear one
+    assert model - pop >= 0.25 * (ceiling - pop), (
+        f"recall@20 {model:.4f}, popularity {pop:.4f}, truth {ceiling:.4f}"
+    )
+    # without DDP around a dense part, the checkpoint keys are still the plain module's: it exports
+    out = tmp_path / "retrieval"
+    flags = [a for s in sets for a in ("--set", s)]
+    args = ["export", "retrieval", "--checkpoint", str(run / "checkpoints" / "final.ckpt"), "--config",
+            str(CONFIG), "--out", str(out), "--index", "flat", *flags]  # fmt: skip
+    assert funnel(args) == 0
+    verify(out)
+    module, dm = build_two_tower(load_config(CONFIG, sets))
+    plain = unsharded_model(module.config, run / "checkpoints" / "final.ckpt")
+    index = np.arange(50)
+    arrays = dm.query_arrays("test", index)
+    encoder = torch.export.load(out / "encoder.pt2").module()
+    got = encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"]))
+    with torch.no_grad():
+        batch = dm.user_batch("test", index)
+        want = plain(batch.features, batch.num_queries, 0)[0]
+    assert (got - want).abs().max().item() < 1e-5
+    table = plain.sparse_arch.embedding_bags["item"].weight.detach()
+    items = np.load(out / "item_embeddings.npy")
+    assert np.allclose(items, torch.nn.functional.normalize(table[1:], dim=1).numpy(), atol=1e-6)
 
 
 @pytest.mark.slow

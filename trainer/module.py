@@ -91,6 +91,8 @@ class ShardedModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.dense_optimizer
         params = [p for _, p in self.dense_named_parameters()]
+        if not params:
+            return None  # every parameter is a table with its fused optimizer (two-tower, projection off)
         if cfg.name == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(
                 params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay

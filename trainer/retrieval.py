@@ -22,6 +22,12 @@ and every rank's item tower learns from every rank's queries).
 * ``logq_source: streaming`` replaces the training split's item shares by Yi et al.'s online
   estimate (:class:`trainer.logq.StreamingItemFrequency`, fed the global batch's positives on every
   rank, so all ranks hold the same estimate; its state is checkpointed with the module).
+* ``kind: multinomial`` (:func:`catalog_softmax_loss`): no sample at all. A training row is a user,
+  whose bag holds all their training items thinned by ``history_dropout``, scored against the whole
+  catalog (each rank embeds a slice, all-gathered with gradient) with the multinomial likelihood of
+  their training items: Mult-DAE's training (Liang et al., WWW 2018) in the two towers' form, for
+  catalogs small enough to score every step (ML-1M's 3,043 items: measured better than the
+  in-batch softmax there, see benchmarks/two_tower.py).
 * ``kind: ccl``: SimpleX's cosine contrastive loss (Mao et al., CIKM 2021) on the same pool instead
   of the softmax; ``in_batch_negatives: false`` keeps only the uniform samples as negatives (the
   pool SimpleX draws). ``user_l2`` penalises the squared norms of the batch's user-feature rows.
@@ -50,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.retrieval import HISTORY, RetrievalBatch, RetrievalDataModule, UserBatch
+from data.retrieval import HISTORY, CatalogBatch, RetrievalBatch, RetrievalDataModule, UserBatch
 from models.two_tower import QueryEncoder, TwoTower, TwoTowerConfig
 from trainer.checkpoint import load_unsharded
 from trainer.collectives import AllGatherRows, gather_rows, rank_and_world
@@ -65,13 +71,15 @@ log = logging.getLogger(__name__)
 DEFAULT_KS = (10, 20, 50, 100)
 
 
-LOSS_KINDS = ("softmax", "ccl")
+LOSS_KINDS = ("softmax", "ccl", "multinomial")
 LOGQ_SOURCES = ("data", "streaming")
 
 
 @dataclass
 class RetrievalLossConfig:
-    kind: str = "softmax"  # softmax: sampled softmax | ccl: SimpleX's cosine contrastive loss
+    # softmax: sampled softmax | ccl: SimpleX's cosine contrastive loss | multinomial: each user's
+    # training items under a softmax over the whole catalog (Mult-DAE's likelihood; batches of users)
+    kind: str = "softmax"
     logq_correction: bool = True
     logq_weight: float = 1.0  # scales the correction: 1 = unbiased full softmax, > 1 favours popular items
     # data: item shares of the training split; streaming: estimated online from the batches' items
@@ -98,6 +106,11 @@ class RetrievalLossConfig:
             raise ValueError(f"model.loss.user_l2 must be >= 0, got {self.user_l2}")
         if not self.negative_weight > 0:
             raise ValueError(f"model.loss.negative_weight must be > 0, got {self.negative_weight}")
+        if self.kind == "multinomial" and (self.logq_correction or self.num_negatives):
+            raise ValueError(
+                "model.loss.kind multinomial scores the whole catalog, not a sample: set "
+                "logq_correction: false and num_negatives: 0"
+            )
         if not self.in_batch_negatives and self.num_negatives <= 0:
             raise ValueError("model.loss.in_batch_negatives false needs model.loss.num_negatives > 0")
 
@@ -251,6 +264,32 @@ def retrieval_loss(
     )  # fmt: skip
 
 
+def catalog_softmax_loss(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """Mean over users of ``-sum_{i in targets(u)} log softmax_j(<q_u, v_j> / temperature)``.
+
+    The multinomial likelihood of Mult-DAE (Liang et al., WWW 2018) with the two towers' scores:
+    ``items`` are this rank's slice of the catalog (``item_ids``, 0 = padding, never scored) and
+    ``targets`` the ``[U, num_items + 1]`` 0/1 mask of each user's training items. Across ranks the
+    slices are all-gathered with gradient, so every rank scores the whole catalog and the mean of
+    the ranks' losses is the loss of one rank with the concatenated users.
+    """
+    if rank_and_world()[1] > 1:
+        items = AllGatherRows.apply(items)
+        item_ids = gather_rows(item_ids)
+    scores = (query @ items.T) / temperature
+    scores = scores.masked_fill((item_ids == 0).unsqueeze(0), float("-inf"))
+    picked = targets[:, item_ids].to(scores.dtype)
+    log_p = torch.log_softmax(scores, dim=1).masked_fill(picked == 0, 0.0)
+    return -(log_p * picked).sum(1).mean()
+
+
 # -- the LightningModule -------------------------------------------------------------------------
 class TwoTowerModule(ShardedModule):
     pipeline_inputs = {"features": "features"}
@@ -293,11 +332,16 @@ class TwoTowerModule(ShardedModule):
         return dm
 
     # -- training ---------------------------------------------------------------------------------
-    def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: RetrievalBatch | CatalogBatch, batch_idx: int) -> torch.Tensor:
         assert self.model is not None
         b = batch.num_queries
         penalise = self.loss_config.user_l2 > 0 and bool(self.config.user_features)
         query, items, *norms = self.model(batch.features, b, batch.item.shape[0], penalise)
+        if isinstance(batch, CatalogBatch):
+            targets = batch.target_mask(self.num_items + 1)
+            t = self.config.temperature
+            loss = catalog_softmax_loss(query, items, batch.item, targets, temperature=t)
+            return self._finish_loss(loss, norms, b)
         item_prob = batch.item_prob
         if self.item_frequency is not None:
             # every rank feeds the global batch's positives, so the estimates stay identical
@@ -307,9 +351,12 @@ class TwoTowerModule(ShardedModule):
             query, items, batch.item, batch.user, item_prob,
             cfg=self.loss_config, temperature=self.config.temperature, num_items=self.num_items,
         )  # fmt: skip
+        return self._finish_loss(loss, norms, b)
+
+    def _finish_loss(self, loss: torch.Tensor, norms: list[torch.Tensor], batch_size: int) -> torch.Tensor:
         if norms:
             loss = loss + self.loss_config.user_l2 * norms[0].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -418,6 +465,7 @@ def build_two_tower(cfg: RunConfig) -> tuple[TwoTowerModule, RetrievalDataModule
             val_fraction=float(model.pop("val_fraction", 0.0)),
             eval_history_length=None if eval_history is None else int(eval_history),
             history_dropout=float(model.pop("history_dropout", 0.0)),
+            train_on="users" if loss.kind == "multinomial" else "interactions",
         )
         schema = dm.schema
         model_cfg = TwoTowerConfig(

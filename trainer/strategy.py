@@ -258,7 +258,7 @@ class TorchRecStrategy(ParallelStrategy):
         self.plans[name] = plan
         if self.is_global_zero:
             log.info("sharding plan for %s:\n%s", name, format_plan(describe_plan(plan)))
-        dmp = DistributedModelParallel(
+        dmp = ShardedModel(
             module,
             env=ShardingEnv.from_process_group(pg),
             device=self.root_device,
@@ -384,6 +384,29 @@ class TorchRecStrategy(ParallelStrategy):
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         # done in load_checkpoint, where the sharded tensors are read in place
         pass
+
+
+class ShardedModel(DistributedModelParallel):
+    """TorchRec's DMP with state-dict keys that do not depend on how its dense part is wrapped.
+
+    TorchRec 1.9's ``state_dict`` strips DDP's ``module.`` and then prefixes *every* key of the
+    destination: a model whose only parameters are sharded tables (no DDP wrapper, e.g. a two-tower
+    with ``projection: false``) got its prefix twice (``model.model.sparse_arch...``), so its
+    checkpoints could not be read by the plain-module loaders. Here the wrapped module's own keys are
+    collected apart, stripped of DDP's prefix, and added under ``prefix`` alone.
+    """
+
+    def state_dict(  # type: ignore[override]
+        self, destination: dict[str, Any] | None = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        inner = self._dmp_wrapped_module
+        own = inner.state_dict(keep_vars=keep_vars)
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(own, "module.")
+        out: dict[str, Any] = destination if destination is not None else {}
+        for key, value in own.items():
+            out[prefix + key] = value
+        return out
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store:
