@@ -9,6 +9,8 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   with 1,024 uniform (mixed) negatives added to the pool, without the cross-rank gather (2 ranks:
   each rank's pool is its half of the batch), with constant learning rates, and the full model on
   1 rank (the same pool as 2 ranks with the gather).
+  Beside the ablation, `configs/two_tower_ml1m_multinomial.yaml` (the multinomial loss over the whole
+  catalog, round 6 below) on 2 ranks for `--multinomial-epochs`.
 
   The config was tuned on a validation split carved from train (`--set model.val_fraction=0.1`: 10%
   of each user's training items held out; test never looked at while tuning), one lever at a time;
@@ -81,7 +83,13 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   row-wise Adagrad 0.1 0.2346; 600-d with projections 0.2133 (data-parallel tables under Adam
   0.2349); 600-d without projections (`model.projection: false`) 0.2448; element-wise Adagrad 0.05
   0.2508 (0.02: 0.2503; row-wise 0.05 / 0.2: 0.2485 / 0.2411); temperature 0.07 / 0.15 / 0.2:
-  0.2396 / 0.2528 / 0.2461; at 0.15, input dropout 0.3 / 0.7: 0.2541 / 0.2519.
+  0.2396 / 0.2528 / 0.2461; at 0.15, input dropout 0.3 / 0.7: 0.2541 / 0.2519; at 0.3, dropout 0.2
+  0.2540, temperature 0.12 0.2539, 800-d 0.2539; the decay over 60 epochs 0.2563, over 100 0.2564
+  (the config: 60); then 250 users a batch 0.2567 (level), 1,000 0.2519; Adagrad 0.1 / 0.03 0.2556 /
+  0.2563 (level).
+  Level (within ~0.002, plain PyTorch): each user's loss divided by the square
+  root or the size of their history (0.2545 / 0.2533 against 0.2530). Test once, 2 ranks: 0.2758 /
+  NDCG@20 0.2599 (in-batch config 0.2629 / 0.2519; EASE 0.2759; UltraGCN 0.2787).
 * ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
   ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
 * Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
@@ -90,7 +98,7 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   latents as queries), a catalog large enough for approximate search to start paying off.
 
 Usage: `python benchmarks/two_tower.py [--ml1m-epochs 8] [--ablation-epochs 8] [--ml100k-epochs 5]`;
-prints a summary and writes benchmarks/results/two_tower.json. Defaults take about 45 minutes on
+prints a summary and writes benchmarks/results/two_tower.json. Defaults take about 48 minutes on
 2 CPU cores (~7 minutes per 8-epoch ML-1M run; see the `seconds` entries of the JSON).
 """
 
