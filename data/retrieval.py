@@ -146,43 +146,11 @@ class RetrievalBatch(_TensorBatch):
 
 
 @dataclass
-class UserBatch(_TensorBatch):
-    """Evaluation users: query features, target items and already-seen items (both jagged)."""
-
-    features: KeyedJaggedTensor
-    user: torch.Tensor  # [S]
-    target_values: torch.Tensor
-    target_offsets: torch.Tensor  # [S + 1]
-    seen_values: torch.Tensor
-    seen_offsets: torch.Tensor
-
-    @property
-    def num_queries(self) -> int:
-        return int(self.user.shape[0])
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_queries
-
-    def target_mask(self, num_columns: int) -> torch.Tensor:
-        return _jagged_mask(self.target_values, self.target_offsets, num_columns)
-
-    def seen_mask(self, num_columns: int) -> torch.Tensor:
-        return _jagged_mask(self.seen_values, self.seen_offsets, num_columns)
-
-
-@dataclass
-class CatalogBatch(_TensorBatch):
-    """Training users against the whole catalog (``train_on="users"``: the multinomial loss).
-
-    Rows ``0..num_queries-1`` are users, each with the bag of all their training items (input
-    dropout applied); the last rows are this rank's slice of the catalog (``item``, 0 = padding so
-    that every rank's slice has the same size). ``target_*`` hold each user's training items.
-    """
+class _UsersWithTargets(_TensorBatch):
+    """Query rows of users, with each user's target items (jagged)."""
 
     features: KeyedJaggedTensor
     user: torch.Tensor  # [U]
-    item: torch.Tensor  # [C] this rank's catalog slice, 0-padded
     target_values: torch.Tensor
     target_offsets: torch.Tensor  # [U + 1]
 
@@ -196,6 +164,29 @@ class CatalogBatch(_TensorBatch):
 
     def target_mask(self, num_columns: int) -> torch.Tensor:
         return _jagged_mask(self.target_values, self.target_offsets, num_columns)
+
+
+@dataclass
+class UserBatch(_UsersWithTargets):
+    """Evaluation users: query features, target items and already-seen items (both jagged)."""
+
+    seen_values: torch.Tensor
+    seen_offsets: torch.Tensor
+
+    def seen_mask(self, num_columns: int) -> torch.Tensor:
+        return _jagged_mask(self.seen_values, self.seen_offsets, num_columns)
+
+
+@dataclass
+class CatalogBatch(_UsersWithTargets):
+    """Training users against the whole catalog (``train_on="users"``: the multinomial loss).
+
+    Rows ``0..num_queries-1`` are users, each with the bag of all their training items (input
+    dropout applied); the last rows are this rank's slice of the catalog (``item``, 0 = padding so
+    that every rank's slice has the same size). The targets are each user's training items.
+    """
+
+    item: torch.Tensor  # [C] this rank's catalog slice, 0-padded
 
 
 def _jagged_mask(values: torch.Tensor, offsets: torch.Tensor, num_columns: int) -> torch.Tensor:
