@@ -89,7 +89,8 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   0.2563 (level).
   Level (within ~0.002, plain PyTorch): each user's loss divided by the square
   root or the size of their history (0.2545 / 0.2533 against 0.2530). Test once, 2 ranks: 0.2758 /
-  NDCG@20 0.2599 (in-batch config 0.2629 / 0.2519; EASE 0.2759; UltraGCN 0.2787).
+  NDCG@20 0.2599 (in-batch config 0.2629 / 0.2519; EASE 0.2759; UltraGCN 0.2787); initialisation
+  seeds 1 / 2 after that: 0.2773 / 0.2757 (mean of three 0.2763).
 * ML-100K (leave-one-out): Recall@10/20/50 and NDCG@10 of the two-tower (2 ranks), the popularity
   ranking (computed by the same run) and plain PyTorch BPR matrix factorisation trained here.
 * Indexes: `funnel export retrieval` of the ML-1M model, then Flat / IVF-Flat / IVF-PQ / HNSW (the
