@@ -189,6 +189,11 @@ class CatalogBatch(_UsersWithTargets):
     item: torch.Tensor  # [C] this rank's catalog slice, 0-padded
 
 
+def _offsets(lengths: np.ndarray) -> torch.Tensor:
+    """int64 offsets ``[0, l0, l0 + l1, ...]`` of jagged rows of ``lengths``."""
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
 def _jagged_mask(values: torch.Tensor, offsets: torch.Tensor, num_columns: int) -> torch.Tensor:
     rows = offsets.numel() - 1
     mask = torch.zeros(rows, num_columns, dtype=torch.bool, device=values.device)
@@ -460,7 +465,7 @@ class RetrievalDataModule(ShardedDataModule):
         self.schema = RetrievalSchema.from_dataset(ds, user_features, item_features, history_length)
         self.inter_user = np.asarray(ds.column("interactions", "user"), dtype=np.int64)
         self.inter_item = np.asarray(ds.column("interactions", "item"), dtype=np.int64)
-        self.seq_offsets = self._check_sequences()
+        self.seq_offsets, self.seq_user = self._check_sequences()
         self.codes = self._split_codes(split, fractions)
         # what the split codes were made from (recorded with exports next to the dataset fingerprint)
         self.split_spec: dict[str, Any] = {"split": split, "val_fraction": val_fraction, "seed": seed}
@@ -480,10 +485,10 @@ class RetrievalDataModule(ShardedDataModule):
         self._eval_users: dict[str, EvalUsers | None] = {}
 
     # -- dataset layout -------------------------------------------------------------------------
-    def _check_sequences(self) -> np.ndarray:
+    def _check_sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, user)`` of the ``sequences`` rows, checked to line up with the interactions."""
         seq = self.dataset.jagged("sequences", "items")
         seq_user = np.asarray(self.dataset.column("sequences", "user"), dtype=np.int64)
-        self.seq_user = seq_user
         offsets = np.asarray(seq.offsets, dtype=np.int64)
         lengths = np.diff(offsets)
         aligned = (
@@ -496,7 +501,7 @@ class RetrievalDataModule(ShardedDataModule):
                 f"{self.path}: sequences.items does not line up with the interactions rows (user, then time "
                 "order); re-prepare the dataset with `funnel data prepare`"
             )
-        return offsets
+        return offsets, seq_user
 
     def _split_codes(self, split: str, fractions: Sequence[float]) -> np.ndarray:
         if split == "dataset":
@@ -639,7 +644,7 @@ class RetrievalDataModule(ShardedDataModule):
             user=torch.from_numpy(users),
             item=torch.from_numpy(items),
             target_values=torch.from_numpy(hist.compact[_ranges(lo, hi - lo)]),
-            target_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)),
+            target_offsets=_offsets(hi - lo),
         )
 
     def user_batch(self, stage: str, index: np.ndarray) -> UserBatch:
@@ -650,17 +655,13 @@ class RetrievalDataModule(ShardedDataModule):
         bags = self._query_bags(users, self._history(stage).of(ev.first_rows[index]))
         tv, tl = ev.targets.take(index)
         sv, sl = ev.seen.take(index)
-
-        def offsets(lengths: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-
         return UserBatch(
             features=self._kjt(bags, len(users)),
             user=torch.from_numpy(users.astype(np.int64)),
             target_values=torch.from_numpy(tv.astype(np.int64)),
-            target_offsets=offsets(tl),
+            target_offsets=_offsets(tl),
             seen_values=torch.from_numpy(sv.astype(np.int64)),
-            seen_offsets=offsets(sl),
+            seen_offsets=_offsets(sl),
         )
 
     def item_batch(self, items: np.ndarray) -> ItemBatch:
