@@ -5,7 +5,9 @@
     score(u, i) = <user, item> / temperature   (trainer.retrieval's losses apply the temperature)
 
 With ``projection=False`` there is no dense layer: each tower's output is its pooled embeddings, so
-the towers are the (sharded) tables alone.
+the towers are the (sharded) tables alone. Several user-tower features are then concatenated, or,
+with ``user_blend``, blended: ``sum_f w_f * normalise(e_f)`` (SimpleX's gamma blend of the user-id
+row and the history, with fixed weights), which keeps the tower the width of one table.
 
 The user tower may drop the id and side features and keep only the history bag (an inductive
 model, YouTube-DNN style: a user unseen in training is embedded from the items they consumed).
@@ -53,6 +55,10 @@ class TwoTowerConfig:
     # score is a dot product of table rows (Mult-DAE's form: measured better than a linear projection
     # on the multinomial loss); output_dim must then equal that width
     projection: bool = True
+    # projection False only: the user vector is sum_f w_f * normalise(e_f) over the user-tower features
+    # (the history bag included; a feature not named weighs 1) instead of their concatenation. A
+    # missing feature (unknown user id, empty bag) adds nothing. Empty: concatenate.
+    user_blend: dict[str, float] = field(default_factory=dict)
     temperature: float = 0.05
     dropout: float = 0.0
     history_feature: str = "history"  # KJT key of the recent-items bag
@@ -64,9 +70,16 @@ class TwoTowerConfig:
             )
         if self.output_dim <= 0:
             raise ValueError(f"model.output_dim must be > 0, got {self.output_dim}")
+        if self.user_blend:
+            unknown = sorted(set(self.user_blend) - set(self.query_features))
+            if self.projection or unknown or min(self.user_blend.values()) < 0:
+                raise ValueError(
+                    f"model.user_blend {self.user_blend}: weights >= 0 of user-tower features "
+                    f"{self.query_features}, with projection false (a projection learns its own blend)"
+                )
         if not self.projection:
             widths = {
-                "user": len(self.query_features) * self.embedding_dim,
+                "user": (1 if self.user_blend else len(self.query_features)) * self.embedding_dim,
                 "item": len(self.candidate_features) * self.embedding_dim,
             }
             if self.user_arch or self.item_arch or set(widths.values()) != {self.output_dim}:
@@ -146,6 +159,25 @@ class TwoTowerConfig:
         return bags + ([self.history_feature] if self.history_length else [])
 
 
+class NormalisedBlend(nn.Module):
+    """``[B, F * width]`` concatenated feature embeddings -> ``sum_f weights[f] * normalise(part f)``.
+
+    The weights are constants, not a buffer: the model is built on the meta device and DMP would
+    leave a buffer of a module without parameters uninitialised.
+    """
+
+    def __init__(self, weights: list[float], width: int) -> None:
+        super().__init__()
+        self.weights = list(weights)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], self.width)
+        for i, w in enumerate(self.weights):
+            out = out + w * F.normalize(x[:, i * self.width : (i + 1) * self.width], dim=-1)  # 0 stays 0
+        return out
+
+
 class TwoTower(nn.Module):
     """``(features KJT, num_queries, num_items)`` -> (user embeddings, item embeddings), L2-normalised."""
 
@@ -156,6 +188,9 @@ class TwoTower(nn.Module):
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
         self.user_tower: nn.Module = nn.Identity()
         self.item_tower: nn.Module = nn.Identity()
+        if config.user_blend:
+            weights = [config.user_blend.get(f, 1.0) for f in config.query_features]
+            self.user_tower = NormalisedBlend(weights, d)
         if config.projection:
             self.user_tower = mlp(
                 [len(config.query_features) * d, *config.user_arch, config.output_dim], config.dropout, device

@@ -24,7 +24,7 @@ from data.retrieval import HISTORY, RetrievalDataModule, UserBatch
 from data.shards import SPLIT_CODES, PreparedDataset, dataset_fingerprint
 from data.synthetic import PRESETS, generate
 from launch.cli import main as funnel
-from models.two_tower import TwoTower
+from models.two_tower import QueryEncoder, TwoTower
 from serving.bundle import verify
 from trainer.checkpoint import load_unsharded, save_unsharded
 from trainer.config import load_config
@@ -434,6 +434,41 @@ def test_user_norms_are_the_squared_norms_of_the_user_feature_rows(world: Path) 
     assert torch.equal(same_user, user) and torch.equal(same_item, item)
 
 
+def test_user_blend_sums_the_normalised_user_row_and_history_in_model_and_encoder(world: Path) -> None:
+    """projection false with user_blend: w * normalise(user row) + normalise(history mean), a missing
+    user id adding nothing; the exported encoder computes the same."""
+    sets = [f"data.path={world}", "model.user_features=[user]", "model.item_features=[item]",
+            "model.projection=false", "model.user_arch=[]", "model.item_arch=[]", "model.embedding_dim=16",
+            "model.output_dim=16", "model.share_item_table=false", "model.user_blend={user: 0.5}",
+    ]  # fmt: skip
+    module, dm = build_two_tower(load_config(CONFIG, sets))
+    torch.manual_seed(0)
+    model = TwoTower(module.config)
+    index = np.arange(12)
+    batch = dm.user_batch("test", index)
+    user = model(batch.features, batch.num_queries, 0)[0]
+    pooled = model.sparse_arch(batch.features).to_dict()
+    bag = pooled[HISTORY][:12] / batch.features[HISTORY].lengths().clamp(min=1).unsqueeze(1)
+    norm = torch.nn.functional.normalize
+    want = 0.5 * norm(pooled["user"][:12], dim=1) + norm(bag, dim=1)
+    assert torch.allclose(user, norm(want, dim=1), atol=1e-6)
+    arrays = dm.query_arrays("test", index)
+    encoder = QueryEncoder(model)
+    with torch.no_grad():
+        got = encoder(torch.from_numpy(arrays["user_features"]), torch.from_numpy(arrays["history"]))
+        assert torch.allclose(got, user, atol=1e-6)
+        unknown = encoder(
+            torch.zeros_like(torch.from_numpy(arrays["user_features"])), torch.from_numpy(arrays["history"])
+        )
+    assert torch.allclose(unknown, norm(bag, dim=1), atol=1e-6)  # a new user: the history alone
+    for bad, match in [
+        (["model.projection=true", "model.user_arch=[8]"], "a projection learns its own blend"),
+        (["model.user_blend={zip: 0.5}"], r"model.user_blend \{'zip': 0.5\}: weights >= 0 of user-tower"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_two_tower(load_config(CONFIG, [*sets, *bad]))
+
+
 def test_streaming_logq_loss_converges_to_the_data_frequencies_loss(world: Path) -> None:
     """logq_source=streaming: fed the training stream, the estimate gives the data counts' loss."""
     dm = RetrievalDataModule(world, batch_size=512, history_length=5)
@@ -620,23 +655,25 @@ def test_two_rank_multinomial_training_without_dense_layers_beats_popularity(
     world: Path, tmp_path: Path
 ) -> None:
     """loss.kind multinomial (users against the catalog) with projection false: the towers are the
-    row-wise sharded tables alone, so nothing is left for the dense optimizer and the fused one
-    trains everything."""
+    row-wise sharded tables alone (the user-id row blended with the history bag), so nothing is left
+    for the dense optimizer and the fused one trains everything."""
     run = tmp_path / "run"
     sets = [
-        f"data.path={world}", f"run_dir={run}", "model.user_features=[]", "model.item_features=[item]",
+        f"data.path={world}", f"run_dir={run}", "model.user_features=[user]", "model.user_blend={user: 0.25}",
+        "model.item_features=[item]",
         "model.share_item_table=false", "model.projection=false", "model.user_arch=[]", "model.item_arch=[]",
         "model.embedding_dim=32", "model.output_dim=32", "model.history_length=10000",
         "model.history_mode=others", "model.history_dropout=0.5", "model.temperature=0.1",
         "model.loss.kind=multinomial", "model.loss.logq_correction=false", "model.loss.num_negatives=0",
-        "sharding.tables={item: {sharding_types: [row_wise]}, history: {sharding_types: [row_wise]}}",
+        "sharding.tables={user: {sharding_types: [row_wise]}, item: {sharding_types: [row_wise]}, "
+        "history: {sharding_types: [row_wise]}}",
         "sparse_optimizer.name=adagrad", "data.batch_size=256", "trainer.max_epochs=10",
         "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     torchrun(2, ["-m", "trainer", "--config", str(CONFIG), *[a for s in sets for a in ("--set", s)]])
     summary = json.loads((run / "summary.json").read_text())
     assert {row["table"]: row["sharding_type"] for row in summary["plan"]} == {
-        "item": "row_wise", "history": "row_wise",
+        "user": "row_wise", "item": "row_wise", "history": "row_wise",
     }  # fmt: skip
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
