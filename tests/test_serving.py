@@ -927,3 +927,51 @@ def test_several_compute_processes_share_the_requests_and_reload_together(stack:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_a_reload_one_process_refuses_puts_every_process_back_on_the_previous_bundle(
+    stack: Any, tmp_path: Path
+) -> None:
+    """ComputeProcesses' rollback: the first process accepts the new bundle, the second then finds it
+    tampered with (the copy is corrupted between the two loads) and refuses it; the reload is refused
+    and both processes answer from the previous bundle."""
+    import asyncio
+
+    from serving.bundle import BundleError
+    from serving.compute import ComputeProcesses
+    from serving.funnel import FunnelConfig
+
+    previous, target = stack["root"] / "bundle-b", tmp_path / "bundle-a"
+    shutil.copytree(stack["root"] / "bundle-a", target)
+    config = FunnelConfig()
+    computes = ComputeProcesses.launch(previous, config, BatchConfig(), processes=2)
+
+    async def scenario() -> tuple[str, list[str]]:
+        await computes.start()
+        try:
+            second = computes.members[1]
+            reload_second = second.reload
+
+            async def corrupt_then_reload(path: str, cfg: FunnelConfig) -> tuple[dict[str, Any], bool]:
+                if Path(path) == target:  # the new bundle, after the first process accepted it
+                    assert computes.members[0].info["path"] == str(target)
+                    with open(target / "ranking/deepfm/weights.safetensors", "r+b") as f:
+                        f.seek(-4, os.SEEK_END)
+                        f.write(b"\xff\xff\xff\xff")
+                return await reload_second(path, cfg)
+
+            second.reload = corrupt_then_reload  # type: ignore[method-assign]
+            with pytest.raises(BundleError, match=r"checksum mismatch.*every process is back on") as refused:
+                await computes.reload(str(target), config)
+            answers = [
+                (await m.recommend(RecommendRequest(k=3), time.perf_counter()))["bundle"]
+                for m in computes.members
+            ]
+            return str(refused.value), [*answers, *(m.info["path"] for m in computes.members)]
+        finally:
+            await computes.close()
+
+    message, seen = asyncio.run(scenario())
+    version = Funnel.load(previous).version
+    assert seen == [version, version, str(previous), str(previous)], message
