@@ -104,8 +104,9 @@ popularity and matrix factorisation, and FAISS index build time / QPS / recall.
   -0.05: 0.2593 / 0.2627; history bags weighted by popularity^-0.25 / ^0.25: 0.2602 / 0.2592; the
   summed scores of two seeds (an ensemble) 0.2621; with the user row, dropout 0.2 / 0.5: 0.2631 /
   0.2634, temperature 0.12 / 0.18: 0.2644 / 0.2600, Adagrad 0.03 0.2633, 80 epochs 0.2632, 800-d
-  0.2636, 250 users a batch 0.2648 (level: the plateau of this round). (The lab's test split was run for the bias x3 and the user row at w 0.5, to see that the
-  validation gains carry over: 0.2803 and 0.2832; the weight was picked on validation.) In funnel,
+  0.2636, 250 users a batch 0.2648 (level: the plateau of this round). (The lab's test split was run
+  for the bias x3 and the user row at w 0.5, to see that the validation gains carry over: 0.2803 and
+  0.2832; the weight was picked on validation.) In funnel,
   2 ranks: validation 0.2563 -> 0.2601 (NDCG@20 0.2086). Test once, 2 ranks: 0.2810 / NDCG@20 0.2667
   (UltraGCN 0.2787 / 0.2642, SimpleX 0.2802 / 0.2670); initialisation seeds 1 / 2 after that: 0.2808 /
   0.2663 and 0.2810 / 0.2658 (mean of three 0.2809 / 0.2663).
