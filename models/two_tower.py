@@ -188,9 +188,6 @@ class TwoTower(nn.Module):
         self.sparse_arch = EmbeddingBagCollection(tables=config.tables(), device=device)
         self.user_tower: nn.Module = nn.Identity()
         self.item_tower: nn.Module = nn.Identity()
-        if config.user_blend:
-            weights = [config.user_blend.get(f, 1.0) for f in config.query_features]
-            self.user_tower = NormalisedBlend(weights, d)
         if config.projection:
             self.user_tower = mlp(
                 [len(config.query_features) * d, *config.user_arch, config.output_dim], config.dropout, device
@@ -200,6 +197,9 @@ class TwoTower(nn.Module):
                 config.dropout,
                 device,
             )
+        elif config.user_blend:
+            weights = [config.user_blend.get(f, 1.0) for f in config.query_features]
+            self.user_tower = NormalisedBlend(weights, d)
 
     def forward(
         self, features: KeyedJaggedTensor, num_queries: int, num_items: int, with_user_norms: bool = False

@@ -11,6 +11,7 @@ a batch never mixes bundles, and the compute thread runs on the configured threa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
@@ -42,8 +43,11 @@ from data.ctr import CTRBatchBuilder
 from data.shards import PreparedDataset
 from serving.app import create_app
 from serving.batching import FAISS_BLAS_THRESHOLD, BatchConfig, Batcher
+from serving.bundle import BundleError
+from serving.compute import ComputeProcesses
 from serving.funnel import (
     Funnel,
+    FunnelConfig,
     RecommendRequest,
     RequestError,
     blend,
@@ -936,12 +940,6 @@ def test_a_reload_one_process_refuses_puts_every_process_back_on_the_previous_bu
     """ComputeProcesses' rollback: the first process accepts the new bundle, the second then finds it
     tampered with (the copy is corrupted between the two loads) and refuses it; the reload is refused
     and both processes answer from the previous bundle."""
-    import asyncio
-
-    from serving.bundle import BundleError
-    from serving.compute import ComputeProcesses
-    from serving.funnel import FunnelConfig
-
     previous, target = stack["root"] / "bundle-b", tmp_path / "bundle-a"
     shutil.copytree(stack["root"] / "bundle-a", target)
     config = FunnelConfig()
